@@ -1,0 +1,51 @@
+"""raphael_jax: RAPHAEL text-to-image diffusion (space-MoE, time-MoE, edge supervision) in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="raphael_jax",
+    version="0.1.0",
+    description="JAX/Flax reimplementation of RAPHAEL (large mixture of diffusion paths)",
+    packages=find_packages(include=["raphael_jax", "raphael_jax.*"]),
+    python_requires=">=3.11,<3.12",
+    # Ranges tested together on CPython 3.11 (see ../shared/design/ENV_NOTES.md section 10).
+    install_requires=[
+        "jax>=0.9.2,<0.11",
+        "jaxlib>=0.9.2,<0.11",
+        "flax>=0.12.6,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "ml_collections>=1.1.0,<1.2",
+        "clu==0.0.12",
+        "sentencepiece>=0.2.3,<0.3",
+        "grain>=0.2.18,<0.3",
+        "array_record>=0.8.1,<0.9",
+        "tensorflow-datasets>=4.9.10,<4.10",
+        "safetensors>=0.8.0,<0.9",
+        "transformers==4.57.6",
+        "numpy>=2.0,<3",
+        "pillow>=11,<14",
+        "tensorboardX>=2.6,<2.7",
+        "scikit-learn>=1.5,<1.10",
+        "matplotlib>=3.9,<3.12",
+    ],
+    extras_require={
+        # PyTorch references for parity tests and conversion; torch pinned to the CPU build.
+        "test": [
+            "pytest>=9.2,<10",
+            "ruff>=0.17,<0.18",
+            "torch==2.13.0",
+            "diffusers==0.39.0",
+            "nbformat>=5.10,<6",
+            "nbclient>=0.10,<0.12",
+            "ipykernel>=6.29,<8",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "raphael-train=raphael_jax.train.cli:main",
+            "raphael-sample=raphael_jax.sample_cli:main",
+            "raphael-eval=raphael_jax.evaluation.cli:main",
+            "raphael-params=raphael_jax.models.param_count:main",
+        ],
+    },
+)
