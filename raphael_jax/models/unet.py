@@ -1,0 +1,181 @@
+"""The RAPHAEL denoiser: an SD-layout U-Net whose attention blocks are RAPHAEL blocks.
+
+Layout (``model`` config): an optional ``patch_size`` space-to-depth stem (pixel models), levels
+of ``channels``, ``num_res_blocks`` ResNet blocks per level on the way down (one more on the way
+up, fed by skip connections), a RAPHAEL block after every ResNet block of the levels flagged in
+``block_levels``, and ``ResBlock -> RaphaelBlock -> ResBlock`` in the middle. With SD's
+``channels=(c, 2c, 4c, 4c)``, ``num_res_blocks=2``, ``block_levels=(1, 1, 1, 0)`` that is
+2+2+2 down, 1 mid, 3+3+3 up = the paper's 16 blocks.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from raphael_jax.models.block import RaphaelBlock
+from raphael_jax.models.layers import conv, dense, group_norm, timestep_embedding
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(cfg):
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+    return DTYPES[cfg.dtype]
+
+
+class ResBlock(nnx.Module):
+    """GroupNorm-SiLU-conv twice, timestep embedding added in between, 1x1 skip when widths differ."""
+
+    def __init__(self, cin: int, cout: int, temb_dim: int, groups: int, *, rngs: nnx.Rngs, dtype=None):
+        self.norm1 = group_norm(cin, groups, rngs=rngs, dtype=dtype)
+        self.conv1 = conv(cin, cout, 3, rngs=rngs, dtype=dtype)
+        self.temb = dense(temb_dim, cout, ("embed", "conv_out"), rngs=rngs, dtype=dtype)
+        self.norm2 = group_norm(cout, groups, rngs=rngs, dtype=dtype)
+        self.conv2 = conv(cout, cout, 3, rngs=rngs, dtype=dtype, zero_init=True)
+        self.skip = nnx.data(conv(cin, cout, 1, rngs=rngs, dtype=dtype) if cin != cout else None)
+
+    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        h = h + self.temb(jax.nn.silu(temb))[:, None, None, :]
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        return (self.skip(x) if self.skip is not None else x) + h
+
+
+class Downsample(nnx.Module):
+    def __init__(self, ch: int, *, rngs: nnx.Rngs, dtype=None):
+        self.conv = conv(ch, ch, 3, stride=2, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x):
+        return self.conv(x)
+
+
+class Upsample(nnx.Module):
+    """Nearest 2x (``jnp.repeat``, far cheaper than ``jax.image.resize`` on XLA:CPU) then 3x3 conv."""
+
+    def __init__(self, ch: int, *, rngs: nnx.Rngs, dtype=None):
+        self.conv = conv(ch, ch, 3, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x):
+        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+
+
+def space_to_depth(x: jax.Array, p: int) -> jax.Array:
+    b, h, w, c = x.shape
+    return x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: jax.Array, p: int) -> jax.Array:
+    b, h, w, c = x.shape
+    c0 = c // (p * p)
+    return x.reshape(b, h, w, p, p, c0).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * p, w * p, c0)
+
+
+class RaphaelUNet(nnx.Module):
+    """``eps_or_v = UNet(x_t, t, text tokens E(y), text mask)``; blocks sow routing and edge logits."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        dtype = compute_dtype(cfg)
+        self.cfg = cfg
+        ch = tuple(cfg.channels)
+        if len(cfg.block_levels) != len(ch) or len(cfg.self_attention_levels) != len(ch):
+            raise ValueError("model.block_levels and model.self_attention_levels need one entry per level "
+                             f"of model.channels={ch}")
+        p = cfg.patch_size
+        temb_dim = 4 * ch[0]
+        self.patch_size = p
+        self.remat = cfg.remat
+        self.temb_fc1 = dense(ch[0], temb_dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.temb_fc2 = dense(temb_dim, temb_dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+        self.conv_in = conv(cfg.in_channels * p * p, ch[0], 3, rngs=rngs, dtype=dtype)
+        g = cfg.norm_groups
+
+        def block(c, level):
+            return RaphaelBlock(c, cfg.context_dim, temb_dim, cfg,
+                                self_attention=bool(cfg.self_attention_levels[level]), rngs=rngs, dtype=dtype)
+
+        down, skips_ch, cur = [], [ch[0]], ch[0]
+        for lvl, c in enumerate(ch):
+            for _ in range(cfg.num_res_blocks):
+                down.append(("res", ResBlock(cur, c, temb_dim, g, rngs=rngs, dtype=dtype)))
+                cur = c
+                if cfg.block_levels[lvl]:
+                    down.append(("attn", block(c, lvl)))
+                skips_ch.append(cur)
+            if lvl < len(ch) - 1:
+                down.append(("down", Downsample(cur, rngs=rngs, dtype=dtype)))
+                skips_ch.append(cur)
+        self.down_kinds = tuple(k for k, _ in down)
+        self.down = nnx.List([m for _, m in down])
+        self.mid_res1 = ResBlock(cur, cur, temb_dim, g, rngs=rngs, dtype=dtype)
+        self.mid_attn = nnx.data(block(cur, len(ch) - 1) if cfg.mid_block else None)
+        self.mid_res2 = ResBlock(cur, cur, temb_dim, g, rngs=rngs, dtype=dtype)
+        up = []
+        for lvl in reversed(range(len(ch))):
+            c = ch[lvl]
+            for _ in range(cfg.num_res_blocks + 1):
+                up.append(("res", ResBlock(cur + skips_ch.pop(), c, temb_dim, g, rngs=rngs, dtype=dtype)))
+                cur = c
+                if cfg.block_levels[lvl]:
+                    up.append(("attn", block(c, lvl)))
+            if lvl > 0:
+                up.append(("up", Upsample(cur, rngs=rngs, dtype=dtype)))
+        self.up_kinds = tuple(k for k, _ in up)
+        self.up = nnx.List([m for _, m in up])
+        self.norm_out = group_norm(cur, g, rngs=rngs, dtype=dtype)
+        self.conv_out = conv(cur, cfg.in_channels * p * p, 3, rngs=rngs, dtype=dtype, zero_init=True)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.down_kinds.count("attn") + self.up_kinds.count("attn") + int(self.mid_attn is not None)
+
+    def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, context_mask: jax.Array, *,
+                 key: jax.Array | None = None, record_masks: bool = False, with_edges: bool = True) -> jax.Array:
+        """x [B, H, W, C_in] noisy image/latent; t [B] int timesteps; context [B, L, D_y]; mask [B, L].
+
+        ``key`` enables router noise (training); ``record_masks`` sows region masks and attention
+        maps; ``with_edges`` runs the edge heads (training only; they never feed the output).
+        """
+        dtype = compute_dtype(self.cfg)
+        ch0 = self.cfg.channels[0]
+        temb = self.temb_fc2(jax.nn.silu(self.temb_fc1(timestep_embedding(t, ch0).astype(dtype))))
+        context = context.astype(dtype)
+        keys = iter(jax.random.split(key, self.num_blocks) if key is not None else [None] * self.num_blocks)
+
+        def run_block(m, h):
+            fn = lambda m, h, k: m(h, temb, context, context_mask, k, record_masks, with_edges)
+            if self.remat:
+                fn = nnx.remat(fn)
+            return fn(m, h, next(keys))
+
+        h = x.astype(dtype)
+        if self.patch_size > 1:
+            h = space_to_depth(h, self.patch_size)
+        h = self.conv_in(h)
+        skips = [h]
+        for kind, m in zip(self.down_kinds, self.down):
+            if kind == "res":
+                h = m(h, temb)
+            elif kind == "attn":
+                h = run_block(m, h)
+                skips[-1] = h
+                continue
+            else:
+                h = m(h)
+            skips.append(h)
+        h = self.mid_res1(h, temb)
+        if self.mid_attn is not None:
+            h = run_block(self.mid_attn, h)
+        h = self.mid_res2(h, temb)
+        for kind, m in zip(self.up_kinds, self.up):
+            if kind == "res":
+                h = m(jnp.concatenate([h, skips.pop()], axis=-1), temb)
+            elif kind == "attn":
+                h = run_block(m, h)
+            else:
+                h = m(h)
+        h = self.conv_out(jax.nn.silu(self.norm_out(h)))
+        if self.patch_size > 1:
+            h = depth_to_space(h, self.patch_size)
+        return h.astype(jnp.float32)
