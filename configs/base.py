@@ -94,6 +94,38 @@ def get_config(arg=None):
     tr.checkpoint_every = 500
     tr.sample_every = 1000
     tr.max_to_keep = 2
+    tr.init_from = ""             # workdir whose latest params/EMA initialize a new run (curricula)
+
+    # --- scale-out (raphael_jax.parallel, docs/SCALE_OUT.md) ------------------------------
+    p = c.parallel = ml_collections.ConfigDict()
+    # Mesh over the physical axes, outermost first (data crosses hosts / DCN, tensor is innermost).
+    # -1 fills the devices left over (at most one axis); with parallel.num_devices=0 a -1 axis
+    # stops at the largest size that still divides the global batch (single-process runs only).
+    p.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
+    p.num_devices = 0             # 0: every device (multi-process runs always use all of them)
+    # Logical axis -> mesh axes. Parameters: embed/context/conv_in are FSDP-sharded over
+    # fsdp (and expert, which carries data in the dense layers); mlp/heads/gate/conv_out/vocab
+    # over tensor; the expert dim of the expert banks over expert. Activations: batch over
+    # every data-like axis. A mesh axis is used once per array (the first dim that names it
+    # wins) and is dropped from a dim it does not divide (the dim then stays replicated on it).
+    p.rules = ml_collections.ConfigDict({
+        "batch": ("data", "fsdp", "expert"),
+        "embed": ("fsdp", "expert"),
+        "context": ("fsdp", "expert"),
+        "conv_in": ("fsdp", "expert"),
+        "mlp": ("tensor",),
+        "heads": ("tensor",),
+        "kv": (),
+        "gate": ("tensor",),
+        "conv_out": ("tensor",),
+        "vocab": ("tensor",),
+        "expert": ("expert",),
+        "norm": (),
+    })
+    # Time-MoE expert parallelism: per (device, expert) capacity = ceil(factor * local batch / K)
+    # samples; a sample over capacity skips the time-MoE (residual only). 0 = never drop
+    # (capacity = local batch: exact, costs K x the buffer and expert FLOPs).
+    p.time_capacity_factor = 2.0
 
     # --- sampling / evaluation ------------------------------------------------------------
     sa = c.sample = ml_collections.ConfigDict()

@@ -239,3 +239,23 @@ def test_edge_registry_and_pooling():
     assert p.shape == (2, 2, 2) and p[1, 1, 0] == 1 and p.sum() == 1
     with pytest.raises(ValueError, match="divide"):
         E.pool_edges(m, 3)
+
+
+def test_outline_edges_match_canny_on_rendered_shapes():
+    import numpy as np
+
+    from raphael_jax.data.edges import canny, outline
+    from raphael_jax.data.shapes import example
+
+    agree = []
+    for i in range(20):
+        img = example(0, i, 32)["image"]
+        a, b = outline(img), canny(img)
+        assert a.sum() > 0
+        # every outline pixel lies on or next to a Canny edge
+        near = np.zeros_like(b, bool)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                near |= np.roll(np.roll(b > 0, dy, 0), dx, 1)
+        agree.append(float((a > 0)[near].sum() / a.sum()))
+    assert min(agree) >= 0.9, agree

@@ -109,7 +109,20 @@ def pool_edges(edges, factor: int) -> np.ndarray:
 
 
 # Name -> function(uint8 image [H, W, 3]) -> float32 [H, W] in {0, 1}. Register others (e.g. HED) here.
-EDGE_SOURCES: dict[str, Callable[[np.ndarray], np.ndarray]] = {"canny": canny}
+def outline(image, threshold: int = 30) -> np.ndarray:
+    """Exact one-pixel outlines of shapes on a black background (the shapes world's edges).
+
+    A pixel is an edge when it is foreground (any channel > ``threshold``) and one of its four
+    neighbours is not. On rendered shapes this equals Canny's outline at a fraction of the cost.
+    """
+    img = np.asarray(image)
+    fg = (img.max(axis=-1) if img.ndim == 3 else img) > threshold
+    p = np.pad(fg, 1)
+    interior = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return (fg & ~interior).astype(np.float32)
+
+
+EDGE_SOURCES: dict[str, Callable[[np.ndarray], np.ndarray]] = {"canny": canny, "outline": outline}
 
 
 def register_edge_source(name: str, fn: Callable[[np.ndarray], np.ndarray]) -> None:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from raphael_jax.models.layers import dense
+from raphael_jax.parallel import expert_parallel, rules
 
 GATE_GRAD_MODES = ("prob", "straight_through", "none")
 
@@ -34,7 +35,9 @@ class Router(nnx.Module):
     """Gate network ``G``: FFN with GELU to ``K`` logits, plus noise, top-1.
 
     ``route = argmax softmax(G(x) + eps)``; returns (route int32 [...], weight [...], probs [..., K])
-    where ``weight`` multiplies the routed expert's output according to ``gate_grad``.
+    where ``weight`` multiplies the routed expert's output according to ``gate_grad`` and is read
+    from the noise-free ``probs = softmax(G(x))`` (noisy weights would make the training-time output
+    scale differ from inference, where there is no noise).
     """
 
     def __init__(self, in_dim: int, hidden: int, num_experts: int, *, router_noise: float = 1.0,
@@ -54,10 +57,13 @@ class Router(nnx.Module):
 
     def __call__(self, x: jax.Array, key: jax.Array | None = None):
         logits = self.logits(x)
-        if key is not None and self.router_noise > 0:
-            logits = logits + self.router_noise * jax.random.normal(key, logits.shape, jnp.float32)
         probs = jax.nn.softmax(logits, axis=-1)
-        route = jnp.argmax(probs, axis=-1).astype(jnp.int32)
+        noisy = logits
+        if key is not None and self.router_noise > 0:
+            noisy = logits + self.router_noise * jax.random.normal(key, logits.shape, jnp.float32)
+        # the noise picks the route; the weight is the noise-free probability of that route, so the
+        # output scale seen in training (noisy routes) matches inference (no noise)
+        route = jnp.argmax(noisy, axis=-1).astype(jnp.int32)
         p = jnp.take_along_axis(probs, route[..., None], axis=-1)[..., 0]
         if self.gate_grad == "prob":
             weight = p
@@ -168,10 +174,16 @@ class SpaceMoE(nnx.Module):
         totals = onehot.sum(axis=1)                                             # T_k [B, K]
         ex = self.experts
         w1, b1, w2, b2 = (ex._p(v) for v in (ex.w1, ex.b1, ex.w2, ex.b2))
-        act = jax.nn.gelu(jnp.einsum("bnd,kdh->bnkh", h, w1) + b1)
-        c = counts.astype(act.dtype)
-        out = jnp.einsum("bnkh,khd->bnd", act * c[..., None], w2) + jnp.einsum("bnk,kd->bnd", c, b2)
-        out = out + jnp.einsum("bnk,kd->bnd", (totals[:, None, :] - counts).astype(act.dtype), ex.at_zero())
+        plan = rules.current()
+        if expert_parallel.layout_active(plan, (w1, b1, w2, b2)):
+            out = expert_parallel.space_moe(plan, rules.constrain(h, ("batch", None, None)), counts, totals,
+                                            (w1, b1, w2, b2))
+        else:
+            act = jax.nn.gelu(jnp.einsum("bnd,kdh->bnkh", h, w1) + b1)
+            c = counts.astype(act.dtype)
+            out = jnp.einsum("bnkh,khd->bnd", act * c[..., None], w2) + jnp.einsum("bnk,kd->bnd", c, b2)
+            rest = (totals[:, None, :] - counts).astype(act.dtype)
+            out = out + jnp.einsum("bnk,kd->bnd", rest, ex.at_zero())
         n = jnp.maximum(real.sum(axis=1), 1.0)
         out = out / n[:, None, None].astype(out.dtype)
 
@@ -209,6 +221,14 @@ class TimeMoE(nnx.Module):
         ex = self.experts
         w1, b1, w2, b2 = (ex._p(v) for v in (ex.w1, ex.b1, ex.w2, ex.b2))
         b, n, d = h.shape
+        plan = rules.current()
+        if expert_parallel.layout_active(plan, (w1, b1, w2, b2)):
+            out, dropped = expert_parallel.time_moe(plan, rules.constrain(h, ("batch", None, None)), route,
+                                                    weight, (w1, b1, w2, b2))
+            self.sow(nnx.Intermediate, "time_route", route)
+            self.sow(nnx.Intermediate, "time_usage", jax.nn.one_hot(route, ex.num_experts).mean(0))
+            self.sow(nnx.Intermediate, "time_dropped", dropped)
+            return out  # already scaled by the gate weight
         if self.impl == "gather":
             act = jax.nn.gelu(jnp.einsum("bnd,bdh->bnh", h, w1[route]) + b1[route][:, None])
             out = jnp.einsum("bnh,bhd->bnd", act, w2[route]) + b2[route][:, None]

@@ -1,0 +1,42 @@
+"""``raphael-eval alignment --workdir DIR [--objects 1,2,3] [--num-prompts 200] [--guidance W]``."""
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Evaluate a trained RAPHAEL run.")
+    sub = p.add_subparsers(dest="what", required=True)
+    a = sub.add_parser("alignment", help="shapes-world text-image alignment of held-out prompts")
+    a.add_argument("--workdir", required=True)
+    a.add_argument("--objects", default="1,2,3", help="object counts to evaluate, e.g. 1 or 1,2,3")
+    a.add_argument("--num-prompts", type=int, default=None, help="prompts per object count (config eval.num_prompts)")
+    a.add_argument("--guidance", type=float, default=None, help="CFG weight (config sample.guidance)")
+    a.add_argument("--steps", type=int, default=None, help="DDIM steps (config sample.num_steps)")
+    a.add_argument("--seed", type=int, default=None, help="prompt and noise seed (config eval.seed)")
+    args = p.parse_args(argv)
+
+    from raphael_jax.evaluation.alignment import evaluate_alignment, save_results
+    from raphael_jax.sampling import Sampler
+
+    sampler = Sampler.from_workdir(args.workdir)
+    cfg = sampler.config
+    try:
+        objects = tuple(int(x) for x in args.objects.split(","))
+    except ValueError:
+        p.error(f"--objects must be comma-separated integers, got {args.objects!r}")
+    if any(not 1 <= n <= 3 for n in objects):
+        p.error("--objects: the shapes world has 1 to 3 objects per scene")
+    guidance = cfg.sample.guidance if args.guidance is None else args.guidance
+    step = int(sampler.step)
+    print(f"alignment of {args.workdir} at step {step}, guidance {guidance}, "
+          f"{args.steps or cfg.sample.num_steps} DDIM steps")
+    results = evaluate_alignment(sampler, num_prompts=args.num_prompts or cfg.eval.num_prompts,
+                                 seed=cfg.eval.seed if args.seed is None else args.seed, objects=objects,
+                                 guidance=guidance, num_steps=args.steps)
+    print("saved", save_results(args.workdir, step, guidance, results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,215 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+Resumes by default from the workdir's latest checkpoint (state, EMA, optimizer, step, RNG, data
+position); writes TensorBoard scalars and sample grids (host 0 only); prints a progress line with
+step, loss, steps/s and ETA.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from raphael_jax.data.pipeline import make_train_iterator
+from raphael_jax.data.shapes import make_caption, sample_prompts
+from raphael_jax.data.tokenizer import Tokenizer
+from raphael_jax.diffusion.schedule import NoiseSchedule
+from raphael_jax.parallel.mesh import describe, mesh_from_config
+from raphael_jax.parallel.rules import ShardingPlan
+from raphael_jax.parallel.sharding import abstract_train_state, global_batch, jit_train_step, with_shardings
+from raphael_jax.sampling import TOKENIZER_FILE, Sampler, image_grid, save_png
+from raphael_jax.train.checkpoint import RunCheckpoints, abstract_like
+from raphael_jax.train.step import make_optimizer, make_train_step, step_rng
+
+
+def load_or_train_tokenizer(config, workdir: str) -> Tokenizer:
+    """The run's tokenizer: loaded from the workdir (or from ``train.init_from``'s), else trained on the
+    world's captions; saved in the workdir either way."""
+    path = os.path.join(workdir, TOKENIZER_FILE)
+    parent = os.path.join(config.train.init_from, TOKENIZER_FILE) if config.train.init_from else None
+    if os.path.exists(path):
+        tok = Tokenizer.load(path)
+    elif parent:
+        tok = Tokenizer.load(parent)
+        if jax.process_index() == 0:
+            tok.save(path)
+    else:
+        tok = Tokenizer.train_on_world(seed=config.data.seed)
+        if jax.process_index() == 0:
+            tok.save(path)
+    if tok.vocab_size > config.text.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} pieces but text.vocab_size={config.text.vocab_size}")
+    return tok
+
+
+def object_range(config):
+    weights = tuple(config.data.object_weights)
+    nonzero = [i for i, w in enumerate(weights) if w > 0]
+    if not nonzero:
+        raise ValueError(f"data.object_weights={weights} has no positive entry")
+    lo, hi = nonzero[0] + 1, nonzero[-1] + 1
+    return lo, hi, weights[lo - 1:hi]
+
+
+def make_data_iterator(config, tokenizer: Tokenizer | None):
+    n_proc = jax.process_count()
+    if config.train.batch_size % n_proc:
+        raise ValueError(f"train.batch_size={config.train.batch_size} does not split over {n_proc} processes")
+    if config.data.kind == "latents":  # precomputed VAE latents + text states (raphael_jax.data.precompute)
+        from raphael_jax.data.precompute import make_latents_iterator
+        latents_dir = config.data.get("latents_dir")
+        if not latents_dir:
+            raise ValueError("data.kind='latents' needs data.latents_dir (the output of raphael-precompute)")
+        return make_latents_iterator(
+            latents_dir, batch_size=config.train.batch_size // n_proc, seed=config.data.seed,
+            shard_index=jax.process_index(), shard_count=n_proc, expect_text_width=config.model.context_dim,
+            expect_latent_channels=config.model.in_channels)
+    if config.data.kind != "shapes":
+        raise ValueError(f"data.kind must be 'shapes' or 'latents', got {config.data.kind!r}")
+    lo, hi, w = object_range(config)
+    return make_train_iterator(
+        seed=config.data.seed, image_size=config.data.image_size, min_objects=lo, max_objects=hi,
+        batch_size=config.train.batch_size // n_proc, tokenizer=tokenizer, max_len=config.text.max_len,
+        edge_source=config.model.edge.source if config.model.edge.enabled else None,
+        shard_index=jax.process_index(), shard_count=n_proc, object_weights=w if hi > lo else None)
+
+
+class MetricWriter:
+    """TensorBoard (tensorboardX) scalars and images plus a JSONL copy of the scalars; host 0 only."""
+
+    def __init__(self, workdir: str):
+        self.active = jax.process_index() == 0
+        if self.active:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.active:
+            return
+        for k, v in values.items():
+            self.tb.add_scalar(k, float(v), step)
+        self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+        self.jsonl.flush()
+
+    def image(self, step: int, name: str, image: np.ndarray) -> None:
+        if self.active:
+            self.tb.add_image(name, image, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.active:
+            self.tb.close()
+            self.jsonl.close()
+
+
+def preview_prompts(config, n: int = 16) -> list[str]:
+    lo, hi, w = object_range(config)
+    objs = sample_prompts(n, seed=config.eval.seed + 1, min_objects=lo, max_objects=hi,
+                          object_weights=w if hi > lo else None)
+    return [make_caption(o) for o in objs]
+
+
+def write_samples(config, graphdef, state, tokenizer, workdir, step, writer: MetricWriter) -> None:
+    prompts = preview_prompts(config)
+    sampler = Sampler(config, graphdef, state["ema_params"], tokenizer)
+    images = sampler.sample(prompts, seed=0, num_steps=min(config.sample.num_steps, 25))
+    grid = image_grid(images, cols=8)
+    if jax.process_index() == 0:
+        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+        save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"), " | ".join(prompts))
+    writer.image(step, "samples", grid)
+
+
+def init_from_run(src_workdir: str, state: dict) -> dict:
+    """A fresh state (step 0, new optimizer) whose params and EMA come from another run's latest checkpoint.
+
+    Used for curricula (e.g. single-object scenes first, then the multi-object mix). The source
+    run's model config must give the same parameter shapes.
+    """
+    src = RunCheckpoints(src_workdir, async_save=False)
+    if src.latest_step() is None:
+        raise FileNotFoundError(f"train.init_from={src_workdir!r} holds no checkpoint")
+    abstract = abstract_like(state)  # restored onto the state's shardings
+    try:
+        restored, _ = src.restore(abstract)
+    except ValueError as e:
+        raise ValueError(f"train.init_from={src_workdir!r}: its parameters do not fit this config ({e})") from None
+    print(f"initialized params and EMA from {src_workdir} at step {int(restored['step'])}")
+    src.close()
+    return {**state, "params": restored["params"], "ema_params": restored["ema_params"]}
+
+
+def _fmt_time(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def train_and_evaluate(config, workdir: str, num_steps: int | None = None) -> dict:
+    """Train ``config`` in ``workdir`` up to ``num_steps`` (default ``config.train.num_steps``).
+
+    Returns the final (host-local) train state.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    num_steps = config.train.num_steps if num_steps is None else num_steps
+    # The shapes world trains its own tokenizer; precomputed latents carry their text states.
+    tokenizer = load_or_train_tokenizer(config, workdir) if config.data.kind == "shapes" else None
+    eos_id = tokenizer.eos_id if tokenizer is not None else 1
+    tx = make_optimizer(config)
+    sched = NoiseSchedule.create(config.diffusion.schedule, config.diffusion.num_timesteps)
+    # the state is created sharded on the config's mesh (parallel.mesh / parallel.rules)
+    plan = ShardingPlan.from_config(config, mesh_from_config(config))
+    graphdef, abstract, shardings, init = abstract_train_state(config, tx, plan)
+    state = jax.jit(init, out_shardings=shardings)()
+    data = make_data_iterator(config, tokenizer)
+    ckpts = RunCheckpoints(workdir, max_to_keep=config.train.max_to_keep)
+    start = ckpts.latest_step()
+    if start is not None:
+        saved = ckpts.restore_config(start)
+        if saved.to_json() != config.to_json():
+            print(f"warning: {workdir} was trained with a different config; resuming with the new one")
+        state, data_state = ckpts.restore(with_shardings(abstract, shardings))
+        data.set_state(data_state)
+        print(f"resumed from step {start} in {ckpts.directory}")
+    elif config.train.init_from:
+        state = init_from_run(config.train.init_from, state)
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    print(f"raphael_jax: {n_params / 1e6:.2f}M parameters, {num_steps} steps, batch {config.train.batch_size}, "
+          f"mesh {describe(plan.mesh)} ({jax.devices()[0].platform}, {jax.process_count()} processes)")
+    if plan.fallbacks and jax.process_index() == 0:
+        print(f"sharding: {len(plan.fallbacks)} parameter dims left replicated on axes they do not divide "
+              f"(e.g. {plan.fallbacks[0]})")
+    train_step = jit_train_step(make_train_step(graphdef, config, tx, sched, eos_id), plan, shardings,
+                                config.train.batch_size)
+    writer = MetricWriter(workdir)
+    step = int(state["step"])
+    t_start, s_start, compiled = time.time(), step, False
+    pending = []
+    while step < num_steps:
+        batch = global_batch(plan, {k: v for k, v in next(data).items() if k != "caption"})
+        state, metrics = train_step(state, batch, step_rng(state))
+        step += 1
+        if not compiled:  # exclude compilation from the rate
+            jax.block_until_ready(metrics)
+            t_start, s_start, compiled = time.time(), step, True
+        pending.append(metrics)
+        if step % config.train.log_every == 0 or step == num_steps:
+            means = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+            pending = []
+            now = time.time()
+            rate = (step - s_start) / max(now - t_start, 1e-9) if step > s_start else 0.0
+            writer.scalars(step, {**means, "steps_per_sec": rate})
+            if jax.process_index() == 0:
+                eta = (num_steps - step) / max(rate, 1e-9)
+                print(f"step {step:6d}/{num_steps}  loss {means['loss']:.4f}  denoise {means['denoise_loss']:.4f}  "
+                      f"edge {means['edge_loss']:.4f}  {rate:5.2f} steps/s  ETA {_fmt_time(eta)}", flush=True)
+        if step % config.train.checkpoint_every == 0 or step == num_steps:
+            ckpts.save(step, state, data.get_state(), config)
+        if (config.train.sample_every and tokenizer is not None
+                and (step % config.train.sample_every == 0 or step == num_steps)):
+            write_samples(config, graphdef, state, tokenizer, workdir, step, writer)
+    ckpts.close()
+    writer.close()
+    return state

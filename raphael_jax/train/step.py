@@ -1,0 +1,131 @@
+"""The pure train step ``(state, batch, rng) -> (state, metrics)`` and the state it updates.
+
+The model is used functionally: ``nnx.split`` once into a graphdef and its parameters; the state
+is a plain pytree dict ``{step, params, ema_params, opt_state, rng}`` that orbax saves as is and
+the scale-out code shards by the parameters' logical axis names.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from raphael_jax.diffusion.schedule import NoiseSchedule, q_sample, training_target
+from raphael_jax.models.edge import edge_loss
+from raphael_jax.models.raphael import RaphaelModel
+from raphael_jax.models.routing import pop_intermediates
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """AdamW (paper: lr 1e-4, betas 0.9/0.999, wd 0) after linear warm-up, global-norm clipping."""
+    t = config.train
+    lr = optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1)),
+                               optax.constant_schedule(t.learning_rate)], [max(t.warmup_steps, 1)])
+    parts = []
+    if t.grad_clip and t.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(t.grad_clip))
+    parts.append(optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay))
+    return optax.chain(*parts)
+
+
+def learning_rate(config, step):
+    t = config.train
+    return t.learning_rate * jnp.minimum(1.0, step / max(t.warmup_steps, 1))
+
+
+def split_model(model: RaphaelModel):
+    """(graphdef, params) of a model; params is an ``nnx.State`` of the ``nnx.Param`` leaves."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params
+
+
+def init_state(config, graphdef, params, tx, seed: int | None = None) -> dict:
+    seed = config.seed if seed is None else seed
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "ema_params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params),
+            "rng": jax.random.key_data(jax.random.key(seed))}
+
+
+def empty_prompt(tokens: jax.Array, mask: jax.Array, eos_id: int):
+    """Tokens and mask of the empty caption (EOS alone), shaped like ``tokens`` (for CFG dropout)."""
+    empty_tok = jnp.zeros_like(tokens).at[:, 0].set(eos_id)
+    empty_mask = jnp.zeros_like(mask).at[:, 0].set(True)
+    return empty_tok, empty_mask
+
+
+def compute_losses(model: RaphaelModel, config, sched: NoiseSchedule, batch: dict, key: jax.Array,
+                   eos_id: int = 1, text_states: jax.Array | None = None):
+    """Denoising loss + edge focal loss for one batch; returns (total, metrics dict).
+
+    ``batch``: image [B,H,W,C] in [-1,1] (or latents), tokens/mask (or ``text_states`` [B,L,D] for
+    external encoders, as an argument or a batch entry), edges [B,H,W] (when edge supervision is on).
+    With external text states, caption dropout replaces a dropped sample's states and mask with the
+    batch's ``null_text_states`` [B,L,D] / ``null_mask`` [B,L] (the stored empty-prompt encoding,
+    see ``raphael_jax.data.precompute``); without them there is no dropout.
+    """
+    x0 = batch["image"]
+    b = x0.shape[0]
+    k_t, k_noise, k_drop, k_route = jax.random.split(key, 4)
+    t = jax.random.randint(k_t, (b,), 0, sched.num_timesteps)
+    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    x_t = q_sample(sched, x0, t, noise)
+    target = training_target(sched, x0, noise, t, config.diffusion.prediction)
+    drop = jax.random.uniform(k_drop, (b,)) < config.train.caption_dropout
+    mask = batch["mask"]
+    if text_states is None and "text_states" in batch:
+        text_states = batch["text_states"]
+    if text_states is None:
+        e_tok, e_mask = empty_prompt(batch["tokens"], mask, eos_id)
+        tokens = jnp.where(drop[:, None], e_tok, batch["tokens"])
+        mask = jnp.where(drop[:, None], e_mask, mask)
+        context = model.encode_text(tokens, mask)
+    else:
+        context = text_states  # external encoders: dropout swaps in the stored null embedding
+        if "null_text_states" in batch:
+            null = jnp.broadcast_to(batch["null_text_states"].astype(context.dtype), context.shape)
+            context = jnp.where(drop[:, None, None], null, context)
+            mask = jnp.where(drop[:, None], jnp.broadcast_to(batch["null_mask"], mask.shape), mask)
+    with_edges = config.model.edge.enabled
+    out = model.unet(x_t, t, context, mask, key=k_route, with_edges=with_edges)
+    inter = pop_intermediates(model)
+    denoise = jnp.mean((out - target) ** 2)
+    e = config.model.edge
+    l_edge = jnp.zeros((), jnp.float32)
+    if with_edges:
+        l_edge = edge_loss(inter["edge_logits"], batch["edges"], t, e.t_c, e.focal_alpha, e.focal_gamma)
+    total = denoise + e.weight * l_edge
+    metrics = {"loss": total, "denoise_loss": denoise, "edge_loss": l_edge}
+    if inter["space_usage"]:
+        usage = jnp.stack(inter["space_usage"])            # [layers, K]
+        metrics["space_usage_max"] = usage.max(-1).mean()  # 1/K when balanced, 1 when collapsed
+    if inter["time_usage"]:
+        metrics["time_usage_max"] = jnp.stack(inter["time_usage"]).max(-1).mean()
+    return total, metrics
+
+
+def make_train_step(graphdef, config, tx: optax.GradientTransformation, sched: NoiseSchedule, eos_id: int = 1):
+    """Build the pure train step; jit it (with shardings and donation) where it is used."""
+    ema_decay = config.train.ema_decay
+
+    def train_step(state: dict, batch: dict, rng: jax.Array):
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params)
+            return compute_losses(model, config, sched, batch, rng, eos_id)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema_params"], params)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["lr"] = learning_rate(config, state["step"])
+        new_state = {"step": state["step"] + 1, "params": params, "ema_params": ema,
+                     "opt_state": opt_state, "rng": state["rng"]}
+        return new_state, metrics
+
+    return train_step
+
+
+def step_rng(state: dict) -> jax.Array:
+    """The step's RNG: the run key folded with the step (so resume reproduces the same noise)."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
