@@ -64,8 +64,25 @@ fi
 
 pids=()
 cleanup() {
+  # SIGTERM first (jax.distributed treats it as a preemption notice), SIGKILL after 5 s
+  local pid t
   for pid in "${pids[@]}"; do
     kill "$pid" 2>/dev/null || true
+  done
+  for ((t = 0; t < 25; t++)); do
+    local alive=0
+    for pid in "${pids[@]}"; do
+      if kill -0 "$pid" 2>/dev/null; then
+        alive=1
+      fi
+    done
+    if [[ "$alive" -eq 0 ]]; then
+      return
+    fi
+    sleep 0.2
+  done
+  for pid in "${pids[@]}"; do
+    kill -9 "$pid" 2>/dev/null || true
   done
 }
 trap cleanup INT TERM

@@ -75,10 +75,24 @@ if [[ -n "$project" ]]; then
   where+=(--project "$project")
 fi
 
+quote() {
+  # one argument as the shell reads it back: bare when safe, else in single quotes
+  local a=$1 q="'\\''"
+  if [[ "$a" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
+    printf '%s' "$a"
+  else
+    printf "'%s'" "${a//\'/$q}"
+  fi
+}
+
 run() {
-  # print the command (shell-quoted); execute it unless --dry-run
+  # print the command (copy-pasteable); execute it unless --dry-run
   printf '+'
-  printf ' %q' "$@"
+  local a
+  for a in "$@"; do
+    printf ' '
+    quote "$a"
+  done
   printf '\n'
   if [[ "$dry_run" -eq 0 ]]; then
     "$@"

@@ -8,9 +8,10 @@ import pytest
 from raphael_jax.analysis import ablate
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
-SMALL = ["model.channels=(8, 16)", "model.block_levels=(0, 1)", "model.self_attention_levels=(0, 1)",
-         "model.head_dim=8", "text.width=16", "model.context_dim=16", "text.num_layers=1",
-         "model.edge.channels=4", "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=2",
+SMALL = ["model.channels=(8, 16)", "model.block_levels=(0, 1)", "model.self_attention_levels=(0, 0)",
+         "model.mid_block=False", "model.head_dim=8", "text.width=16", "model.context_dim=16",
+         "text.num_layers=1", "model.edge.channels=4", "model.edge.num_layers=2", "train.batch_size=2",
+         "train.log_every=1", "train.checkpoint_every=2",
          "train.sample_every=0", "train.warmup_steps=1"]
 
 

@@ -25,8 +25,8 @@ from raphael_jax.evaluation.shapes_fd import (
 )
 from raphael_jax.evaluation.shapes_fd import main as sfd_main
 
-DIV = 64  # tiny Inception: 32-d features, so ~50 images give full-rank covariances
-N_IMAGES = 60
+DIV = 64  # tiny Inception: 48-d features, so 56 images give full-rank covariances
+N_IMAGES = 64
 CALLS = {"n": 0}
 
 
@@ -87,9 +87,7 @@ def fake_coco(tmp_path_factory):
 
 def test_draw_captions_and_host_slices(fake_coco):
     entries = coco_fid.load_coco_captions(fake_coco / "annotations" / "captions_val2014.json")
-    assert len(entries) == 2 * N_IMAGES and entries == sorted(
-        entries, key=lambda e: (e["image_id"], e["ann_id"])
-    )
+    assert len(entries) == 2 * N_IMAGES and entries == sorted(entries, key=lambda e: (e["image_id"], e["ann_id"]))
     a = coco_fid.draw_captions(entries, 20, seed=0)
     assert a == coco_fid.draw_captions(list(entries), 20, seed=0)  # fixed seed: same draw
     assert len({e["image_id"] for e in a}) == 20  # one caption per image
@@ -98,9 +96,7 @@ def test_draw_captions_and_host_slices(fake_coco):
     with pytest.raises(ValueError, match="images"):
         coco_fid.draw_captions(entries, N_IMAGES + 1)
     slices = [coco_fid.host_slice(30, i, 4) for i in range(4)]
-    np.testing.assert_array_equal(
-        np.concatenate(slices), np.arange(30)
-    )  # each caption exactly once, in order
+    np.testing.assert_array_equal(np.concatenate(slices), np.arange(30))  # each caption exactly once, in order
 
 
 def test_coco_fid_end_to_end(fake_coco, tmp_path, capsys):
@@ -114,7 +110,7 @@ def test_coco_fid_end_to_end(fake_coco, tmp_path, capsys):
         "--ref-stats",
         str(ref_stats),
         "--num",
-        "50",
+        "56",
         "--seed",
         "0",
         "--sampler",
@@ -132,16 +128,16 @@ def test_coco_fid_end_to_end(fake_coco, tmp_path, capsys):
     ]
     CALLS["n"] = 0
     assert coco_fid.main(argv) == 0
-    assert CALLS["n"] == 50
+    assert CALLS["n"] == 56
     res = json.loads((out / "fid.json").read_text())
-    assert res["num_images"] == 50 and np.isfinite(res["fid"]) and res["fid"] > 0
-    assert f"FID-50: {res['fid']:.4f}" in capsys.readouterr().out
+    assert res["num_images"] == 56 and np.isfinite(res["fid"]) and res["fid"] > 0
+    assert f"FID-56: {res['fid']:.4f}" in capsys.readouterr().out
+    print("fake-COCO FID", res["fid"])
     pngs = sorted(os.listdir(out / "images"))
-    assert len(pngs) == 50 and pngs[0] == "00000.png"
+    assert len(pngs) == 56 and pngs[0] == "00000.png"
     with Image.open(out / "images" / "00003.png") as im:
         assert (
-            im.size == (256, 256)
-            and im.text["prompt"] == json.loads((out / "captions.json").read_text())[3]["caption"]
+            im.size == (256, 256) and im.text["prompt"] == json.loads((out / "captions.json").read_text())[3]["caption"]
         )
     assert ref_stats.is_file()
 
@@ -154,6 +150,14 @@ def test_coco_fid_end_to_end(fake_coco, tmp_path, capsys):
     feats = np.asarray(jax.jit(lambda m, im: m.features_uint8(im))(net, np.concatenate([gen, real])))
     want = fid.fid_from_features(feats[: len(gen)], feats[len(gen) :])
     assert res["fid"] == pytest.approx(want, rel=1e-4)
+
+    # the FID command on the saved images against the saved reference statistics gives the same number
+    weights = ["--weights", str(fake_coco / "inception_tiny.safetensors"), "--channel-divisor", str(DIV)]
+    assert fid.main(["fid", str(out / "images"), str(ref_stats), *weights, "--batch-size", "16"]) == 0
+    assert f"FID: {res['fid']:.4f}" in capsys.readouterr().out
+    assert fid.main(["stats", str(out / "images"), str(tmp_path / "gen.npz"), *weights]) == 0
+    mu, sigma = fid.load_stats(tmp_path / "gen.npz")
+    assert fid.frechet_distance(mu, sigma, *fid.load_stats(ref_stats)) == pytest.approx(res["fid"], rel=1e-5)
 
     # re-run: reference statistics come from the file, images from disk (resume), same FID
     CALLS["n"] = 0
@@ -171,18 +175,23 @@ def test_noise_sampler_is_far():
     assert a.shape == (2, 16, 16, 3) and a.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_raphael_sampler_is_independent_of_batching():
     """Per-index noise and device sharding: the same caption index gives the same image whatever the
     batch it is generated in (the tiny config shrunk as in tests/test_train.py, random weights)."""
     from test_train import small_config
 
+    from raphael_jax.convert.safetensors_io import abstract_module
     from raphael_jax.data.tokenizer import Tokenizer
     from raphael_jax.models.raphael import build_model
     from raphael_jax.sampling import Sampler
     from raphael_jax.train.step import split_model
 
     config = small_config()
-    graphdef, params = split_model(build_model(config, 0))
+    # random weights drawn with numpy on the abstract model (eager init of the whole model is slow on CPU)
+    graphdef, abstract = split_model(abstract_module(lambda: build_model(config, 0)))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: jax.numpy.asarray(rng.normal(0, 0.05, a.shape), a.dtype), abstract)
     sampler = coco_fid.RaphaelSampler(
         Sampler(config, graphdef, params, Tokenizer.train_on_world()), seed=5, num_steps=2
     )
@@ -194,9 +203,7 @@ def test_raphael_sampler_is_independent_of_batching():
     ]
     idx = np.array([10, 11, 12, 13])
     whole = sampler.sample_batch(prompts, idx)
-    parts = np.concatenate(
-        [sampler.sample_batch(prompts[:3], idx[:3]), sampler.sample_batch(prompts[3:], idx[3:])]
-    )
+    parts = np.concatenate([sampler.sample_batch(prompts[:3], idx[:3]), sampler.sample_batch(prompts[3:], idx[3:])])
     assert whole.shape == (4, config.data.image_size, config.data.image_size, 3) and whole.dtype == np.uint8
     assert np.abs(whole.astype(int) - parts.astype(int)).max() <= 1
     assert np.abs(whole[0].astype(int) - whole[1].astype(int)).max() > 0

@@ -18,10 +18,11 @@ from raphael_jax.data.shapes import parse_caption
 from raphael_jax.models.moe import SpaceMoE
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
-# a very small model: 4 RAPHAEL blocks (level 1 down, middle, 2 up), 1-layer text encoder
-SMALL = ["model.channels=(8, 16)", "model.block_levels=(0, 1)", "model.self_attention_levels=(0, 1)",
-         "model.head_dim=8", "text.width=16", "model.context_dim=16", "text.num_layers=1",
-         "model.edge.channels=4", "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=2",
+# a very small model: 3 RAPHAEL blocks (1 down, 2 up, at 8x8), 1-layer text encoder
+SMALL = ["model.channels=(8, 16)", "model.block_levels=(0, 1)", "model.self_attention_levels=(0, 0)",
+         "model.mid_block=False", "model.head_dim=8", "text.width=16", "model.context_dim=16",
+         "text.num_layers=1", "model.edge.channels=4", "model.edge.num_layers=2", "train.batch_size=2",
+         "train.log_every=1", "train.checkpoint_every=2",
          "train.sample_every=0", "train.warmup_steps=1", "sample.num_steps=3", "eval.num_prompts=2"]
 
 
@@ -75,7 +76,7 @@ def test_recorded_paths_follow_the_text_gate(recorder):
     templates = make_templates("kind", 5, seed=0)
     rec = recorder.word_paths("kind", templates)
     n_layers = len(recorder.space_layers)
-    assert n_layers == 4
+    assert n_layers == 3
     assert rec["paths"].shape == (3, 5, n_layers)
     assert rec["paths"].min() >= 0 and rec["paths"].max() < recorder.num_space_experts
     # golden: the gate network applied directly to the text encoder's states
@@ -115,21 +116,24 @@ def test_classifier_on_synthetic_paths():
         classify_paths(np.zeros((6, 3), int), ["a", "b"] * 3)
 
 
-def test_cli_writes_json_and_plots(run, tmp_path):
+def test_cli_writes_json_and_plots(run, recorder, tmp_path, monkeypatch):
     from raphael_jax.analysis.cli import main
+    from raphael_jax.sampling import Sampler
 
+    # the run is already loaded (the recorder fixture): skip a second restore
+    monkeypatch.setattr(Sampler, "from_workdir", classmethod(lambda cls, *a, **k: recorder.sampler))
     out = tmp_path / "paths"
     assert main(["--workdir", run, "--out", str(out), "--templates", "5", "--time-prompts", "2",
                  "--ddim-steps", "3", "--categories", "colour,kind,place"]) == 0
     res = json.load(open(out / "paths.json"))
-    assert res["token"] == "last" and len(res["space_layers"]) == 4
+    assert res["token"] == "last" and len(res["space_layers"]) == 3
     for cat, n_words in (("colour", 8), ("kind", 3), ("place", 9)):
         r = res["categories"][cat]
-        assert np.asarray(r["paths"]).shape == (n_words, 5, 4)
+        assert np.asarray(r["paths"]).shape == (n_words, 5, 3)
         c = r["classification"]
         assert 0.0 <= c["accuracy"] <= 1.0 and c["chance"] == pytest.approx(1 / n_words)
         assert (out / f"routes_{cat}.png").stat().st_size > 1000
     t = json.load(open(out / "time_experts.json"))
-    assert len(t["timesteps"]) == 3 and len(t["usage"]) == 4
+    assert len(t["timesteps"]) == 3 and len(t["usage"]) == 3
     assert (out / "time_experts.png").stat().st_size > 1000
     assert "chance" in (out / "summary.md").read_text()

@@ -45,7 +45,7 @@ def test_unet_forward_backward_each_ablation(variant):
         def loss(p):
             m = nnx.merge(gd, p)
             out = m(x, t, tokens, mask, key=jax.random.key(2))
-            inter = pop_intermediates(m)
+            inter = {k: v for k, v in pop_intermediates(m).items() if k != "paths"}
             return jnp.mean(out ** 2) + edge_loss(inter["edge_logits"], edges, jnp.array([0, 0]), 500), (out, inter)
         return jax.value_and_grad(loss, has_aux=True)(p)
 
@@ -60,7 +60,9 @@ def test_unet_forward_backward_each_ablation(variant):
     assert len(inter["edge_logits"]) == (n_blocks if m.edge.enabled else 0)
     if m.space_moe.enabled and not m.dense_ffn_mult:
         assert inter["space_usage"][0].shape == (m.space_moe.num_experts,)
-        # the text encoder is trained through the gates and cross-attention
+    if m.edge.enabled:
+        # blocks start as the identity (zero-init proj_out, as SD); the edge loss reaches the text
+        # encoder through the cross-attention map from the first step
         assert float(jnp.abs(grads["text"]["token_embed"]["embedding"][...]).sum()) > 0
 
 

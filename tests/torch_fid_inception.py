@@ -14,7 +14,7 @@ torch 2.13.0 (ENV_NOTES.md section 3). So this file copies, statement for statem
 
 State-dict names are therefore those of ``pt_inception-2015-12-05-6726825d.pth`` (``Conv2d_1a_3x3.conv.
 weight``, ``Mixed_7c.branch_pool.bn.running_var``; no ``fc``). The only addition is ``div``: every
-width divided by ``div`` (1 = the real network), for cheap tests.
+width divided by ``div`` (at least 8; 1 = the real network), for cheap tests.
 """
 
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 
 
 def _ch(n, div):
-    return max(1, n // div)
+    return n if div == 1 else max(8, n // div)
 
 
 class BasicConv2d(nn.Module):

@@ -282,16 +282,19 @@ class PathRecorder:
 
 # ------------------------------------------------------------------------------------ classification
 
-def classify_paths(paths, labels, folds: int = 5, seed: int = 0, max_iter: int = 100) -> dict:
+def classify_paths(paths, labels, folds: int = 5, seed: int = 0, max_iter: int = 100,
+                   n_threads: int | None = 1) -> dict:
     """Predict each path's word with gradient-boosted trees under stratified ``folds``-fold CV.
 
     ``paths`` int [N, n_layers] (expert per layer, treated as categorical features); ``labels`` [N].
     Returns accuracy (mean over folds), per-fold accuracies, chance (1 / number of words), the
     majority-class rate, the confusion matrix (rows true, columns predicted, pooled over folds) and
-    the number of distinct paths.
+    the number of distinct paths. ``n_threads`` caps the OpenMP threads of the trees (None: all
+    cores); one thread is fast at these sizes and does not spin-wait on a busy machine.
     """
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.model_selection import StratifiedKFold
+    from threadpoolctl import threadpool_limits
 
     X = np.asarray(paths, np.int64)
     if X.ndim != 2 or X.shape[1] < 1:
@@ -306,14 +309,15 @@ def classify_paths(paths, labels, folds: int = 5, seed: int = 0, max_iter: int =
         raise ValueError(f"every word needs at least folds={folds} paths, got {per_class.min()}")
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     fold_acc, confusion = [], np.zeros((len(classes), len(classes)), np.int64)
-    for train, test in cv.split(X, y):
-        clf = HistGradientBoostingClassifier(categorical_features=np.ones(X.shape[1], bool),
-                                             max_iter=max_iter, min_samples_leaf=5, early_stopping=False,
-                                             random_state=seed)
-        clf.fit(X[train], y[train])
-        pred = clf.predict(X[test])
-        fold_acc.append(float((pred == y[test]).mean()))
-        np.add.at(confusion, (y[test], pred), 1)
+    with threadpool_limits(limits=n_threads, user_api="openmp"):
+        for train, test in cv.split(X, y):
+            clf = HistGradientBoostingClassifier(categorical_features=np.ones(X.shape[1], bool),
+                                                 max_iter=max_iter, min_samples_leaf=5, early_stopping=False,
+                                                 random_state=seed)
+            clf.fit(X[train], y[train])
+            pred = clf.predict(X[test])
+            fold_acc.append(float((pred == y[test]).mean()))
+            np.add.at(confusion, (y[test], pred), 1)
     return {"accuracy": float(np.mean(fold_acc)), "accuracy_std": float(np.std(fold_acc)),
             "fold_accuracies": fold_acc, "chance": 1.0 / len(classes),
             "majority": float(per_class.max() / per_class.sum()), "num_paths": int(len(y)),
@@ -412,7 +416,7 @@ def plot_time_usage(time_rec: dict, path: str) -> str:
     a2.set_yticklabels(names, fontsize=7)
     a2.invert_yaxis()
     a2.set_xlabel("share of DDIM steps")
-    a2.legend(fontsize=7, loc="lower right", framealpha=0.8)
+    a2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(k, 4), frameon=False)
     a2.set_title("time-expert usage", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

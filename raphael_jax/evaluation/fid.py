@@ -74,9 +74,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(
-            f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}"
-        )
+        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
     diff = mu1 - mu2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", linalg.LinAlgWarning)  # near-singular products are handled below
@@ -104,9 +102,7 @@ def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, num: int | N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = {"meta": np.array(json.dumps(meta))} if meta else {}
-    np.savez(
-        path, mu=np.asarray(mu), sigma=np.asarray(sigma), num=np.int64(-1 if num is None else num), **extra
-    )
+    np.savez(path, mu=np.asarray(mu), sigma=np.asarray(sigma), num=np.int64(-1 if num is None else num), **extra)
     return path
 
 
@@ -159,6 +155,22 @@ def batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:
 # --------------------------------------------------------------------------------------- features
 
 
+_COMPILED: dict = {}
+
+
+def _features_uint8(m, x):
+    return m.features_uint8(x)
+
+
+def _compiled(graphdef, fn, sharding):
+    """One jitted function per (network structure, fn, sharding): extractors of the same network share it."""
+    key = (graphdef, fn, sharding)
+    if key not in _COMPILED:
+        call = fn or _features_uint8
+        _COMPILED[key] = jax.jit(lambda s, x: call(nnx.merge(graphdef, s), x), out_shardings=sharding)
+    return _COMPILED[key]
+
+
 class FeatureExtractor:
     """A feature network as one compiled function ``uint8 [B, H, W, 3] -> float32 [B, D]`` (numpy).
 
@@ -183,8 +195,7 @@ class FeatureExtractor:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         graphdef, state = nnx.split(module)
         self._state = jax.device_put(state, replicated)
-        call = fn or (lambda m, x: m.features_uint8(x))
-        self._fn = jax.jit(lambda s, x: call(nnx.merge(graphdef, s), x), out_shardings=self._data)
+        self._fn = _compiled(graphdef, fn, self._data)
         self.dim: int | None = None
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -282,9 +293,7 @@ def folder_statistics(
     if not files:
         raise ValueError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")
     mine = (
-        np.array_split(np.arange(len(files)), jax.process_count())[jax.process_index()]
-        if shard
-        else range(len(files))
+        np.array_split(np.arange(len(files)), jax.process_count())[jax.process_index()] if shard else range(len(files))
     )
     images = (load_image(files[i], size, center_crop) for i in mine)
     feats = compute_features(extract, images, batch_size, _progress(str(folder), len(files)))
@@ -359,9 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     from raphael_jax.evaluation.inception import InceptionConfig, load_inception
     from raphael_jax.parallel.distributed import maybe_initialize
 
-    p = argparse.ArgumentParser(
-        prog="python -m raphael_jax.evaluation.fid", description=__doc__.split("\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="python -m raphael_jax.evaluation.fid", description=__doc__.split("\n")[0])
     p.add_argument("cmd", choices=["stats", "fid"], help="stats SRC OUT.npz | fid A B")
     p.add_argument("a", help="folder of images, tfds:NAME[:SPLIT], or (fid) an .npz")
     p.add_argument("b", help="stats: output .npz; fid: second source")

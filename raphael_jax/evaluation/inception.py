@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import re
 import sys
@@ -72,7 +73,8 @@ class InceptionConfig:
       resize: side the input is bilinearly resized to (pytorch-fid: 299); None keeps the input size
         (it must be at least 75).
       normalize_input: map [0, 1] inputs to [-1, 1] (pytorch-fid: True).
-      channel_divisor: 1 for the real network; k > 1 divides every layer's width by k (tests).
+      channel_divisor: 1 for the real network; k > 1 divides every layer's width by k, keeping at
+        least 8 channels (tests only).
     """
 
     resize: int | None = _DEFAULT_RESIZE
@@ -80,7 +82,7 @@ class InceptionConfig:
     channel_divisor: int = 1
 
     def ch(self, n: int) -> int:
-        return max(1, n // self.channel_divisor)
+        return n if self.channel_divisor == 1 else max(8, n // self.channel_divisor)
 
     @property
     def feature_dim(self) -> int:
@@ -307,11 +309,17 @@ class InceptionV3(nnx.Module):
         return self(images.astype(jnp.float32) / 255.0)
 
 
+@functools.lru_cache(maxsize=4)
+def _abstract(cfg: InceptionConfig) -> InceptionV3:
+    """The network with ShapeDtypeStruct leaves (tracing ~100 layers takes seconds: done once)."""
+    return sio.abstract_module(lambda: InceptionV3(cfg, rngs=nnx.Rngs(0)))
+
+
 def init_inception(cfg: InceptionConfig = InceptionConfig(), seed: int = 0) -> InceptionV3:
     """Random weights (tests only; not FID features) that keep activations O(1) through the network:
     He-normal convolutions, BatchNorm affine and running statistics near identity. Drawn with numpy
     (JAX's random init of ~100 layers compiles very slowly on CPU)."""
-    graphdef, state = nnx.split(sio.abstract_module(lambda: InceptionV3(cfg, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(_abstract(cfg))
     rng = np.random.default_rng(seed)
     flat = []
     for path, var in nnx.to_flat_state(state):
@@ -348,9 +356,8 @@ def _ignored(name: str) -> bool:
 
 def build_inception(shapes, load, cfg: InceptionConfig = InceptionConfig(), source: str = "") -> InceptionV3:
     """InceptionV3 from tensors (``shapes`` name -> shape, ``load(names)`` -> arrays), all checked."""
-    abstract = sio.abstract_module(lambda: InceptionV3(cfg, rngs=nnx.Rngs(0)))
     return sio.import_state(
-        abstract, shapes, load, inception_torch_name, ignore=_ignored, what="FID Inception", source=source
+        _abstract(cfg), shapes, load, inception_torch_name, ignore=_ignored, what="FID Inception", source=source
     )
 
 
@@ -384,9 +391,7 @@ def _check_hash(path: Path) -> None:
         )
 
 
-def convert_pytorch_fid_weights(
-    src: str | Path, out: str | Path, cfg: InceptionConfig = InceptionConfig()
-) -> Path:
+def convert_pytorch_fid_weights(src: str | Path, out: str | Path, cfg: InceptionConfig = InceptionConfig()) -> Path:
     """pytorch-fid ``.pth`` state dict -> safetensors (``torch.load(weights_only=True)``, no code runs).
 
     The tensors are checked against the network (names and shapes) before anything is written;
@@ -420,9 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--channel-divisor", type=int, default=1, help=argparse.SUPPRESS)  # tests only
     args = p.parse_args(argv)
     try:
-        out = convert_pytorch_fid_weights(
-            args.src, args.out, InceptionConfig(channel_divisor=args.channel_divisor)
-        )
+        out = convert_pytorch_fid_weights(args.src, args.out, InceptionConfig(channel_divisor=args.channel_divisor))
     except sio.ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

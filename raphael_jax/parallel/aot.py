@@ -140,7 +140,7 @@ def _gib(x) -> str:
 
 
 def run(config, devices: int, mesh_spec: dict, global_batch: int, hlo_out: str | None = None,
-        encoders: bool = False, verbose: bool = True) -> dict:
+        encoders: bool = False, verbose: bool = True, compiler_options: dict | None = None) -> dict:
     """Lower and compile ``config``'s train step for ``devices`` virtual devices; return the report dict."""
     import jax
 
@@ -175,7 +175,7 @@ def run(config, devices: int, mesh_spec: dict, global_batch: int, hlo_out: str |
     lowered = step.lower(state_in, batch, rng)
     t_lower = time.time() - t0
     t1 = time.time()
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=compiler_options or None)
     t_compile = time.time() - t1
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -202,7 +202,7 @@ def run(config, devices: int, mesh_spec: dict, global_batch: int, hlo_out: str |
         "flops_per_device": float(cost.get("flops", float("nan"))),
         "bytes_accessed_per_device": float(cost.get("bytes accessed", float("nan"))),
         "collectives": coll, "lower_s": round(t_lower, 1), "compile_s": round(t_compile, 1),
-        "sharding_fallbacks": [list(map(str, f)) for f in plan.fallbacks],
+        "sharding_fallbacks": [list(map(str, f)) for f in plan.fallbacks if f[0].startswith("params/")],
     }
     peak = rep["argument_bytes"] + rep["output_bytes"] - rep["alias_bytes"] + rep["temp_bytes"]
     rep["peak_bytes"] = peak
@@ -212,7 +212,8 @@ def run(config, devices: int, mesh_spec: dict, global_batch: int, hlo_out: str |
         rep["frozen_encoders"] = {k: {"total_bytes": a, "per_device_bytes": b} for k, (a, b) in enc.items()}
     if verbose:
         s = config.data.image_size
-        print(f"config: {n_params / 1e9:.3f}B parameters, {config.model.dtype} activations, remat "
+        size = f"{n_params / 1e9:.3f}B" if n_params >= 1e9 else f"{n_params / 1e6:.2f}M"
+        print(f"config: {size} parameters, {config.model.dtype} activations, remat "
               f"{config.model.remat}, {s}x{s}x{config.model.in_channels} inputs, global batch {global_batch} "
               f"({rep['per_device_batch']} per device)")
         print(f"mesh: {describe(mesh)}; lowered in {t_lower:.1f} s, compiled in {t_compile:.1f} s")
@@ -234,9 +235,9 @@ def run(config, devices: int, mesh_spec: dict, global_batch: int, hlo_out: str |
                 print(f"  {op:20s} {c['count']:5d}  {_gib(c['bytes'])}  groups {c['group_sizes']}")
         fits = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in rep["fits"].items())
         print(f"fits (peak < 90% of HBM): {fits}")
-        if plan.fallbacks:
-            print(f"{len(plan.fallbacks)} parameter dims stay replicated on mesh axes they do not divide, "
-                  f"e.g. {plan.fallbacks[:3]}")
+        if rep["sharding_fallbacks"]:
+            print(f"{len(rep['sharding_fallbacks'])} parameter dims stay replicated on mesh axes they do not "
+                  f"divide, e.g. {rep['sharding_fallbacks'][:3]}")
         for k, v in rep.get("frozen_encoders", {}).items():
             print(f"frozen {k}: {_gib(v['total_bytes'])} in all, {_gib(v['per_device_bytes'])} per device")
     return rep
@@ -253,6 +254,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the report as JSON here")
     p.add_argument("--encoders", action="store_true",
                    help="also report the frozen CLIP text tower and VAE sharded by the same rules")
+    p.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="XLA option for this compile, e.g. xla_backend_optimization_level=0 (LLVM only: "
+                        "faster on CPU, same partitioning, memory and cost analysis)")
     args = p.parse_args(argv)
 
     import jax
@@ -271,8 +275,12 @@ def main(argv=None) -> int:
     if args.batch is not None:
         overrides.append(f"train.batch_size={args.batch}")
     config = load_config(args.config, overrides)
+    opts = {}
+    for item in args.compiler_option:
+        k, _, v = item.partition("=")
+        opts[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.lstrip("-").isdigit() else v)
     rep = run(config, args.devices, _parse_kv(args.mesh), config.train.batch_size, hlo_out=args.hlo_out,
-              encoders=args.encoders)
+              encoders=args.encoders, compiler_options=opts)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rep, f, indent=1, default=str)

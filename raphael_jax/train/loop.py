@@ -19,7 +19,13 @@ from raphael_jax.data.tokenizer import Tokenizer
 from raphael_jax.diffusion.schedule import NoiseSchedule
 from raphael_jax.parallel.mesh import describe, mesh_from_config
 from raphael_jax.parallel.rules import ShardingPlan
-from raphael_jax.parallel.sharding import abstract_train_state, global_batch, jit_train_step, with_shardings
+from raphael_jax.parallel.sharding import (
+    abstract_train_state,
+    global_batch,
+    jit_train_step,
+    sharded_init,
+    with_shardings,
+)
 from raphael_jax.sampling import TOKENIZER_FILE, Sampler, image_grid, save_png
 from raphael_jax.train.checkpoint import RunCheckpoints, abstract_like
 from raphael_jax.train.step import make_optimizer, make_train_step, step_rng
@@ -162,25 +168,27 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None) -> di
     # the state is created sharded on the config's mesh (parallel.mesh / parallel.rules)
     plan = ShardingPlan.from_config(config, mesh_from_config(config))
     graphdef, abstract, shardings, init = abstract_train_state(config, tx, plan)
-    state = jax.jit(init, out_shardings=shardings)()
     data = make_data_iterator(config, tokenizer)
     ckpts = RunCheckpoints(workdir, max_to_keep=config.train.max_to_keep)
     start = ckpts.latest_step()
-    if start is not None:
+    if start is not None:  # restored straight into this run's shardings (any mesh), no init
         saved = ckpts.restore_config(start)
         if saved.to_json() != config.to_json():
             print(f"warning: {workdir} was trained with a different config; resuming with the new one")
         state, data_state = ckpts.restore(with_shardings(abstract, shardings))
         data.set_state(data_state)
         print(f"resumed from step {start} in {ckpts.directory}")
-    elif config.train.init_from:
-        state = init_from_run(config.train.init_from, state)
+    else:
+        state = sharded_init(config, init, shardings, plan)  # jit(init, out_shardings=shardings)
+        if config.train.init_from:
+            state = init_from_run(config.train.init_from, state)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     print(f"raphael_jax: {n_params / 1e6:.2f}M parameters, {num_steps} steps, batch {config.train.batch_size}, "
           f"mesh {describe(plan.mesh)} ({jax.devices()[0].platform}, {jax.process_count()} processes)")
-    if plan.fallbacks and jax.process_index() == 0:
-        print(f"sharding: {len(plan.fallbacks)} parameter dims left replicated on axes they do not divide "
-              f"(e.g. {plan.fallbacks[0]})")
+    fallbacks = [f for f in plan.fallbacks if f[0].startswith("params/")]
+    if fallbacks and jax.process_index() == 0:
+        print(f"sharding: {len(fallbacks)} parameter dims left replicated on mesh axes they do not divide "
+              f"(e.g. {fallbacks[0]})")
     train_step = jit_train_step(make_train_step(graphdef, config, tx, sched, eos_id), plan, shardings,
                                 config.train.batch_size)
     writer = MetricWriter(workdir)
