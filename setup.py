@@ -33,6 +33,7 @@ setup(
         # PyTorch references for parity tests and conversion; torch pinned to the CPU build.
         "test": [
             "pytest>=9.2,<10",
+            "pytest-xdist>=3.6,<4",
             "ruff>=0.17,<0.18",
             "torch==2.13.0",
             "diffusers==0.39.0",

@@ -17,7 +17,7 @@ from PIL import Image, PngImagePlugin
 from raphael_jax.data.tokenizer import Tokenizer
 from raphael_jax.diffusion.ddim import ddim_sample
 from raphael_jax.diffusion.schedule import NoiseSchedule
-from raphael_jax.models.raphael import build_model
+from raphael_jax.models.raphael import RaphaelModel
 from raphael_jax.models.routing import pop_intermediates
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -58,8 +58,11 @@ class Sampler:
         config = ckpts.restore_config(step)
         tok_path = os.path.join(workdir, TOKENIZER_FILE)
         tokenizer = Tokenizer.load(tok_path)
-        graphdef, params = split_model(build_model(config, config.seed))
-        abstract = jax.eval_shape(lambda: init_state(config, graphdef, params, make_optimizer(config)))
+        # abstract model only (no random init): the checkpoint supplies every value
+        graphdef, params = split_model(nnx.eval_shape(lambda: RaphaelModel(config, rngs=nnx.Rngs(config.seed))))
+        abstract = jax.eval_shape(lambda p: init_state(config, graphdef, p, make_optimizer(config)), params)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
         state, _ = ckpts.restore(abstract, step)
         ckpts.close()
         return cls(config, graphdef, state["ema_params" if use_ema else "params"], tokenizer, int(state["step"]))

@@ -42,11 +42,8 @@ def test_resume_is_exact(runs):
     ea = jax.tree.leaves(runs["s_full"]["ema_params"])
     eb = jax.tree.leaves(runs["s_split"]["ema_params"])
     assert max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(ea, eb)) <= 1e-6
-    # training moved the weights
-    from raphael_jax.models.raphael import build_model
-    from raphael_jax.train.step import split_model
-    _, p0 = split_model(build_model(small_config(), 0))
-    moved = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(p0), a))
+    # training moved the weights: after 6 steps the EMA (decay 0.995) still sits near the init
+    moved = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(ea, a))
     assert moved > 1e-4
 
 
@@ -118,7 +115,7 @@ def test_notebook_runs_against_trained_run(runs, monkeypatch):
     from nbclient import NotebookClient
 
     monkeypatch.setenv("RAPHAEL_WORKDIR", runs["full"])
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend captures the figures
     path = os.path.join(os.path.dirname(__file__), "..", "notebooks", "sample.ipynb")
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3",
@@ -127,3 +124,15 @@ def test_notebook_runs_against_trained_run(runs, monkeypatch):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any("loaded step 6" in o.get("text", "") for o in outputs)
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2
+
+
+def test_denoise_probe_cli(runs, capsys):
+    from raphael_jax.evaluation.cli import main
+
+    assert main(["probe", "--workdir", runs["full"], "--timesteps", "900,0", "--num", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "t= 900" in out and "t=   0" in out
+    # at t = 0 the one-step x0 estimate is the clean image itself, whatever the model: the probe's
+    # images and prompts line up, so the analyzer must score it (near) perfectly
+    row = [line for line in out.splitlines() if "t=   0" in line][0]
+    assert float(row.split("colour")[1].split()[0]) >= 0.75

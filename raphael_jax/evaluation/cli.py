@@ -14,10 +14,24 @@ def main(argv=None) -> int:
     a.add_argument("--guidance", type=float, default=None, help="CFG weight (config sample.guidance)")
     a.add_argument("--steps", type=int, default=None, help="DDIM steps (config sample.num_steps)")
     a.add_argument("--seed", type=int, default=None, help="prompt and noise seed (config eval.seed)")
+    pr = sub.add_parser("probe", help="one-step x0 recovery from noised held-out images, per timestep")
+    pr.add_argument("--workdir", required=True)
+    pr.add_argument("--timesteps", default="999,950,800,500,200")
+    pr.add_argument("--num", type=int, default=64)
     args = p.parse_args(argv)
 
     from raphael_jax.evaluation.alignment import evaluate_alignment, save_results
     from raphael_jax.sampling import Sampler
+
+    if args.what == "probe":
+        from raphael_jax.evaluation.denoise_probe import denoise_probe
+
+        sampler = Sampler.from_workdir(args.workdir)
+        res = denoise_probe(sampler, tuple(int(t) for t in args.timesteps.split(",")), args.num)
+        print(f"one-step x0 from x_t, {args.num} held-out single-object scenes, step {sampler.step}")
+        for t, r in res.items():
+            print(f"  t={t:4d}: " + "  ".join(f"{k} {v:.3f}" for k, v in r.items()))
+        return 0
 
     sampler = Sampler.from_workdir(args.workdir)
     cfg = sampler.config
