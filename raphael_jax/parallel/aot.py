@@ -25,9 +25,9 @@ import re
 import sys
 import time
 
-# accelerator HBM per chip, GiB (public spec sheets)
+# HBM per chip in GiB: TPU spec sheets (GiB); NVIDIA as nvidia-smi reports it (80GB H100 = 81559 MiB)
 HBM_GIB = {"TPU v4": 32, "TPU v5e": 16, "TPU v5p": 95, "TPU v6e": 32,
-           "A100 40GB": 40, "A100 80GB": 80, "H100 80GB": 80, "H200": 141, "B200": 192}
+           "A100 40GB": 40, "A100 80GB": 80, "H100 80GB": 79.6, "H200": 140.4, "B200": 179}
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
