@@ -23,6 +23,7 @@ def get_config(arg=None):
     m.head_dim = 32
     m.norm_groups = 8
     m.context_dim = 64           # d_y: text token width
+    m.text_temb = False          # add the pooled text to the ResBlocks' timestep embedding (Imagen/SDXL style)
     m.pos_embed = False          # 2D sin-cos position embedding on the cross-attention queries
     m.ffn_mult = 4.0             # plain FFN replacing a switched-off MoE
     m.dense_ffn_mult = 0.0       # > 0: dense baseline (both MoEs -> one FFN of this width)
@@ -64,6 +65,7 @@ def get_config(arg=None):
     tx.num_layers = 2
     tx.num_heads = 4
     tx.max_len = 32
+    tx.embed_init_std = 1.0      # token/position embedding init std (0.02 learns the text->layout map slowly)
 
     # --- diffusion ------------------------------------------------------------------------
     d = c.diffusion = ml_collections.ConfigDict()
@@ -84,6 +86,8 @@ def get_config(arg=None):
     tr.num_steps = 1000
     tr.learning_rate = 1e-4       # paper: 1e-4, AdamW (0.9, 0.999), weight decay 0
     tr.warmup_steps = 200
+    tr.lr_schedule = "constant"   # after warm-up: constant | cosine (decays to lr_final_fraction * lr at num_steps)
+    tr.lr_final_fraction = 0.0
     tr.weight_decay = 0.0
     tr.b1 = 0.9
     tr.b2 = 0.999
@@ -132,7 +136,9 @@ def get_config(arg=None):
     sa.num_steps = 50
     sa.guidance = 3.0
     sa.eta = 0.0
-    sa.timestep_spacing = "leading"
+    sa.timestep_spacing = "trailing"  # first step at t = T-1 (Lin et al. 2024); "leading" = diffusers' default
+    sa.use_clipped_model_output = True  # eps re-derived from the clipped x0 (raphael_jax.sampling.ddim_options)
+    sa.guidance_rescale = 0.0           # Lin et al. 2024 CFG rescale phi (diffusers' guidance_rescale)
     ev = c.eval = ml_collections.ConfigDict()
     ev.num_prompts = 200
     ev.seed = 1234

@@ -215,6 +215,47 @@ def test_ddim_trajectory_matches_diffusers(prediction, config):
     assert np.abs(xs_ref[-1] - x_T).max() > 0.1  # the loop actually moved
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_ddim_step_clipped_model_output_matches_diffusers(prediction):
+    sched = NoiseSchedule.create("cosine", T)
+    ref = _ddim_ref("cosine", prediction_type="v_prediction" if prediction == "v" else "epsilon",
+                    clip_sample=True, clip_sample_range=1.0)
+    ref.set_timesteps(20)
+    x, out = _rand(14), 3.0 * _rand(15)  # large outputs: x0 is clipped at every step tested
+    for t in (999, 600, 50):
+        r = ref.step(torch.from_numpy(out), t, torch.from_numpy(x), use_clipped_model_output=True)
+        plain = ddim_step(sched, jnp.asarray(out), t, t - 50, jnp.asarray(x), prediction, clip_x0=1.0)[0]
+        x_prev, x0 = ddim_step(sched, jnp.asarray(out), t, t - 50, jnp.asarray(x), prediction, clip_x0=1.0,
+                               use_clipped_model_output=True)
+        np.testing.assert_allclose(np.asarray(x_prev), r.prev_sample.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(x0), r.pred_original_sample.numpy(), rtol=1e-5, atol=1e-5)
+        if t == 600:  # (at t = 999 abar ~ 0 and eps ~ x_t either way)
+            assert np.abs(np.asarray(plain) - np.asarray(x_prev)).max() > 1e-2  # the option changes the step
+
+
+def test_guidance_rescale_matches_diffusers():
+    from diffusers.guiders.guider_utils import rescale_noise_cfg
+
+    sched = NoiseSchedule.create("scaled_linear", T)
+    cond, uncond = _contexts()
+    np_c, np_u = jax.tree.map(np.asarray, cond), jax.tree.map(np.asarray, uncond)
+    w, phi = 4.0, 0.7
+
+    def guided_np(x, t):
+        out_c, out_u = toy_np(x, t, np_c), toy_np(x, t, np_u)
+        g = torch.from_numpy(out_u + w * (out_c - out_u))
+        return rescale_noise_cfg(g, torch.from_numpy(out_c), guidance_rescale=phi).numpy()
+
+    ref = _ddim_ref(prediction_type="v_prediction", timestep_spacing="trailing")
+    x_T = _rand(16)
+    _, xs_ref = _ddim_loop_ref(ref, x_T, 10, guided_np)
+    kw = {"num_steps": 10, "guidance": w, "prediction": "v", "timestep_spacing": "trailing"}
+    x0 = ddim_sample(toy_jax, sched, jnp.asarray(x_T), cond, uncond, guidance_rescale=phi, **kw)
+    np.testing.assert_allclose(np.asarray(x0), xs_ref[-1], rtol=1e-4, atol=1e-4)
+    plain = ddim_sample(toy_jax, sched, jnp.asarray(x_T), cond, uncond, **kw)
+    assert np.abs(np.asarray(plain) - np.asarray(x0)).max() > 1e-2
+
+
 def _contexts():
     cond = {"emb": jnp.asarray(_rand(8, (2, 4))), "scale": jnp.array([1.0, 0.5])}
     uncond = {"emb": jnp.asarray(_rand(9, (2, 4))), "scale": jnp.array([0.3, 0.3])}

@@ -251,6 +251,7 @@ class PathRecorder:
         "usage": [n_blocks, K] share of DDIM steps each expert handles (over all samples)}``.
         """
         from raphael_jax.diffusion.ddim import ddim_sample
+        from raphael_jax.sampling import ddim_options
 
         if not self.time_layers:
             raise ValueError("this model has no time-MoE layers (time_moe.enabled=False)")
@@ -266,9 +267,9 @@ class PathRecorder:
         uncond = {"context": enc(self.sampler.params, e_tok, e_mask), "mask": e_mask}
         x_T = jax.random.normal(jax.random.key(seed), self._image_shape(n))
         _, traj = ddim_sample(self._denoise, self.sampler.sched, x_T, cond, uncond, num_steps=num_steps,
-                              guidance=guidance, prediction=self.config.diffusion.prediction, clip_x0=1.0,
-                              timestep_spacing=sc.timestep_spacing, params=self.sampler.params, has_aux=True,
-                              return_trajectory=True)
+                              guidance=guidance, prediction=self.config.diffusion.prediction,
+                              params=self.sampler.params, has_aux=True, return_trajectory=True,
+                              **ddim_options(self.config))
         routes = np.asarray(traj["aux"])  # [S, n_blocks, 2B]
         k = self.num_time_experts
         counts = np.stack([(routes == e).sum(axis=2) for e in range(k)], axis=-1)  # [S, n_blocks, K]

@@ -88,6 +88,7 @@ def ddim_step(
     *,
     clip_x0: float | None = None,
     set_alpha_to_one: bool = True,
+    use_clipped_model_output: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """One DDIM update ``x_t -> x_{t_prev}`` (equations in the module docstring).
 
@@ -101,6 +102,8 @@ def ddim_step(
     x0, eps = predict_x0_and_eps(sched, model_out, x_t, t, prediction)
     if clip_x0 is not None:
         x0 = jnp.clip(x0, -clip_x0, clip_x0)
+        if use_clipped_model_output:  # diffusers use_clipped_model_output=True
+            eps = (x_t - jnp.sqrt(a_t) * x0) / jnp.sqrt(jnp.maximum(1.0 - a_t, 1e-12))
     var = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
     std = eta * jnp.sqrt(var)
     x_prev = jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev - std**2) * eps
@@ -109,6 +112,15 @@ def ddim_step(
             raise ValueError("ddim_step with eta > 0 needs `noise`")
         x_prev = x_prev + std * noise
     return x_prev, x0
+
+
+def _rescale_guidance(out: jax.Array, out_c: jax.Array, phi: float) -> jax.Array:
+    """Lin et al. 2024 (sec. 3.4), diffusers' ``guidance_rescale``: match the guided output's std per
+    sample to the conditional one's, mixed with weight ``phi`` (against over-exposure with v and a
+    zero-terminal-SNR schedule)."""
+    axes = tuple(range(1, out.ndim))
+    rescaled = out * (jnp.std(out_c, axis=axes, keepdims=True) / jnp.std(out, axis=axes, keepdims=True))
+    return phi * rescaled + (1.0 - phi) * out
 
 
 def _concat_batch(a: Any, b: Any) -> Any:
@@ -128,6 +140,8 @@ def _concat_batch(a: Any, b: Any) -> Any:
         "set_alpha_to_one",
         "has_aux",
         "return_trajectory",
+        "use_clipped_model_output",
+        "guidance_rescale",
     ),
 )
 def ddim_sample(
@@ -146,6 +160,8 @@ def ddim_sample(
     timestep_spacing: str = "leading",
     steps_offset: int = 0,
     set_alpha_to_one: bool = True,
+    guidance_rescale: float = 0.0,
+    use_clipped_model_output: bool = False,
     params: Any = None,
     has_aux: bool = False,
     return_trajectory: bool = False,
@@ -204,6 +220,8 @@ def ddim_sample(
             out2 = out2.astype(jnp.float32)
             out_c, out_u = out2[:batch], out2[batch:]
             out = out_u + w * (out_c - out_u)
+            if guidance_rescale > 0:
+                out = _rescale_guidance(out, out_c, guidance_rescale)
         else:
             out, aux = call(x, t_b)
             out = out.astype(jnp.float32)
@@ -219,6 +237,7 @@ def ddim_sample(
             noise,
             clip_x0=clip_x0,
             set_alpha_to_one=set_alpha_to_one,
+            use_clipped_model_output=use_clipped_model_output,
         )
         x_prev = x_prev.astype(x_T.dtype)
         rec = (x_prev, x0.astype(x_T.dtype), aux) if return_trajectory else None

@@ -209,7 +209,7 @@ class RaphaelSampler:
 
     def sample_batch(self, prompts, indices):
         from raphael_jax.diffusion.ddim import ddim_sample
-        from raphael_jax.sampling import to_uint8
+        from raphael_jax.sampling import ddim_options, to_uint8
 
         s, n = self.sampler, len(prompts)
         pad = -n % len(self.devices)
@@ -234,9 +234,8 @@ class RaphaelSampler:
             eta=self.eta,
             prediction=s.config.diffusion.prediction,
             key=key,
-            clip_x0=1.0,
-            timestep_spacing=s.config.sample.timestep_spacing,
             params=self._params,
+            **ddim_options(s.config),
         )
         return to_uint8(x0)[:n]
 

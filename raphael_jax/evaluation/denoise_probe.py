@@ -1,9 +1,10 @@
 """Denoising probe: how much of a prompt's content the model recovers from x_t at each noise level.
 
 For held-out single-object scenes, noise the real image to ``x_t``, predict ``x0`` in one step and
-score it with the analyzer. High scores at small t and low scores at large t mean the model
-denoises but has not learned to lay out the image from the text (the layout is decided at high
-noise). ``raphael-eval probe --workdir DIR``.
+score it with the analyzer. Read high-t rows with care: at t >= 950 a correct one-step x0 is the
+conditional *mean* image, a faint blurred blob in the right cell whose colour is too far from the
+palette for the analyzer, so scores there stay near 0 even when the text->layout mapping is learned
+(look at the images: ``Sampler`` + ``predict_x0_and_eps``). ``raphael-eval probe --workdir DIR``.
 """
 from __future__ import annotations
 

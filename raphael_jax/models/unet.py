@@ -89,6 +89,12 @@ class RaphaelUNet(nnx.Module):
         self.temb_fc1 = dense(ch[0], temb_dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
         self.temb_fc2 = dense(temb_dim, temb_dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
         self.conv_in = conv(cfg.in_channels * p * p, ch[0], 3, rngs=rngs, dtype=dtype)
+        # optional pooled-text conditioning of the ResBlocks (Imagen / SDXL style): the masked mean of
+        # the text states, projected and added to the ResBlocks' timestep embedding. The RAPHAEL
+        # blocks (and so the time-MoE gates) keep the pure timestep embedding.
+        self.text_temb = nnx.data(dense(cfg.context_dim, temb_dim, ("context", "embed"), rngs=rngs, dtype=dtype,
+                                        kernel_init=nnx.initializers.zeros_init())
+                                  if cfg.get("text_temb", False) else None)
         g = cfg.norm_groups
 
         def block(c, level):
@@ -141,6 +147,11 @@ class RaphaelUNet(nnx.Module):
         ch0 = self.cfg.channels[0]
         temb = self.temb_fc2(jax.nn.silu(self.temb_fc1(timestep_embedding(t, ch0).astype(dtype))))
         context = context.astype(dtype)
+        temb_res = temb
+        if self.text_temb is not None:
+            w = context_mask.astype(context.dtype)[..., None]
+            pooled = (context * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+            temb_res = temb + self.text_temb(pooled)
         keys = iter(jax.random.split(key, self.num_blocks) if key is not None else [None] * self.num_blocks)
 
         def run_block(m, h):
@@ -156,7 +167,7 @@ class RaphaelUNet(nnx.Module):
         skips = [h]
         for kind, m in zip(self.down_kinds, self.down):
             if kind == "res":
-                h = m(h, temb)
+                h = m(h, temb_res)
             elif kind == "attn":
                 h = run_block(m, h)
                 skips[-1] = h
@@ -164,13 +175,13 @@ class RaphaelUNet(nnx.Module):
             else:
                 h = m(h)
             skips.append(h)
-        h = self.mid_res1(h, temb)
+        h = self.mid_res1(h, temb_res)
         if self.mid_attn is not None:
             h = run_block(self.mid_attn, h)
-        h = self.mid_res2(h, temb)
+        h = self.mid_res2(h, temb_res)
         for kind, m in zip(self.up_kinds, self.up):
             if kind == "res":
-                h = m(jnp.concatenate([h, skips.pop()], axis=-1), temb)
+                h = m(jnp.concatenate([h, skips.pop()], axis=-1), temb_res)
             elif kind == "attn":
                 h = run_block(m, h)
             else:

@@ -16,12 +16,29 @@ from raphael_jax.models.edge import edge_loss
 from raphael_jax.models.raphael import RaphaelModel
 from raphael_jax.models.routing import pop_intermediates
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_schedule(config) -> optax.Schedule:
+    """Linear warm-up to ``train.learning_rate``, then constant or cosine decay to ``lr_final_fraction``
+    of it at ``train.num_steps`` (a short run ends sharper with the decay)."""
+    t = config.train
+    kind = t.get("lr_schedule", "constant")
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {kind!r}")
+    warm = max(t.warmup_steps, 1)
+    if kind == "constant":
+        after = optax.constant_schedule(t.learning_rate)
+    else:
+        after = optax.cosine_decay_schedule(t.learning_rate, max(t.num_steps - warm, 1),
+                                            alpha=t.get("lr_final_fraction", 0.0))
+    return optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, warm), after], [warm])
+
 
 def make_optimizer(config) -> optax.GradientTransformation:
-    """AdamW (paper: lr 1e-4, betas 0.9/0.999, wd 0) after linear warm-up, global-norm clipping."""
+    """AdamW (paper: lr 1e-4, betas 0.9/0.999, wd 0) on ``lr_schedule``, global-norm clipping."""
     t = config.train
-    lr = optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1)),
-                               optax.constant_schedule(t.learning_rate)], [max(t.warmup_steps, 1)])
+    lr = lr_schedule(config)
     parts = []
     if t.grad_clip and t.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(t.grad_clip))
@@ -30,8 +47,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 
 def learning_rate(config, step):
-    t = config.train
-    return t.learning_rate * jnp.minimum(1.0, step / max(t.warmup_steps, 1))
+    return lr_schedule(config)(step)
 
 
 def split_model(model: RaphaelModel):
