@@ -103,6 +103,21 @@ def test_eval_cli_saves_per_object_count(runs, capsys):
         assert 0.0 <= r["colour"] <= 1.0 and r["num_prompts"] == 3
 
 
+def test_eval_cli_sampler_overrides(runs, capsys):
+    from raphael_jax.evaluation.cli import main
+
+    args = ["alignment", "--workdir", runs["full"], "--objects", "1", "--num-prompts", "2"]
+    assert main(args + ["--set", "sample.use_clipped_model_output=False",
+                        "--set", "sample.timestep_spacing=leading"]) == 0
+    path = os.path.join(runs["full"], "eval", "alignment_step6_g3_use_clipped_model_output-False_"
+                                              "timestep_spacing-leading.json")
+    assert json.load(open(path))["results"]["1_object"]["num_prompts"] == 2
+    for bad in ("train.num_steps=3", "sample.no_such_key=1"):
+        with pytest.raises(SystemExit):
+            main(args + ["--set", bad])
+    assert "--set" in capsys.readouterr().err
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     from raphael_jax.sampling import Sampler
 

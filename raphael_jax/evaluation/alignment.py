@@ -42,10 +42,10 @@ def format_row(name: str, res: dict) -> str:
     return f"{name:>9}: " + "  ".join(cells) + f"  ({res.get('num_prompts', '?')} prompts)"
 
 
-def save_results(workdir: str, step: int, guidance: float, results: dict) -> str:
+def save_results(workdir: str, step: int, guidance: float, results: dict, tag: str = "") -> str:
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"alignment_step{step}_g{guidance:g}.json")
+    path = os.path.join(out_dir, f"alignment_step{step}_g{guidance:g}{'_' + tag if tag else ''}.json")
     with open(path, "w") as f:
         json.dump({"step": step, "guidance": guidance, "results": results}, f, indent=1)
     return path

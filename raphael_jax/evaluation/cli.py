@@ -14,6 +14,8 @@ def main(argv=None) -> int:
     a.add_argument("--guidance", type=float, default=None, help="CFG weight (config sample.guidance)")
     a.add_argument("--steps", type=int, default=None, help="DDIM steps (config sample.num_steps)")
     a.add_argument("--seed", type=int, default=None, help="prompt and noise seed (config eval.seed)")
+    a.add_argument("--set", action="append", default=[], metavar="sample.KEY=VALUE",
+                   help="override a sampler setting of the run's config, e.g. sample.timestep_spacing=leading")
     pr = sub.add_parser("probe", help="one-step x0 recovery from noised held-out images, per timestep")
     pr.add_argument("--workdir", required=True)
     pr.add_argument("--timesteps", default="999,950,800,500,200")
@@ -35,6 +37,14 @@ def main(argv=None) -> int:
 
     sampler = Sampler.from_workdir(args.workdir)
     cfg = sampler.config
+    if any(not kv.startswith("sample.") for kv in args.set):
+        p.error("--set only overrides sample.* settings (the weights fix everything else)")
+    from raphael_jax.config_lib import apply_overrides
+
+    try:
+        apply_overrides(cfg, args.set)
+    except (KeyError, ValueError) as e:
+        p.error(f"--set: {e}")
     try:
         objects = tuple(int(x) for x in args.objects.split(","))
     except ValueError:
@@ -48,7 +58,8 @@ def main(argv=None) -> int:
     results = evaluate_alignment(sampler, num_prompts=args.num_prompts or cfg.eval.num_prompts,
                                  seed=cfg.eval.seed if args.seed is None else args.seed, objects=objects,
                                  guidance=guidance, num_steps=args.steps)
-    print("saved", save_results(args.workdir, step, guidance, results))
+    tag = "_".join(kv.split(".", 1)[1].replace("=", "-") for kv in args.set)
+    print("saved", save_results(args.workdir, step, guidance, results, tag=tag))
     return 0
 
 
