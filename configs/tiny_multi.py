@@ -4,7 +4,7 @@
     raphael-train --config configs/tiny_multi.py --workdir runs/tiny_multi --set train.init_from=runs/tiny
     raphael-eval alignment --workdir runs/tiny_multi
 
-Without space-MoE (the comparison the README reports): the same two commands with
+Without space-MoE (the comparison the README asks for; not run yet): the same two commands with
 ``configs/tiny.py:no_space_moe`` and ``configs/tiny_multi.py:no_space_moe``.
 """
 from raphael_jax.config_lib import apply_variant, sibling_config
