@@ -65,7 +65,7 @@ def get_config(arg=None):
     tx.num_layers = 2
     tx.num_heads = 4
     tx.max_len = 32
-    tx.embed_init_std = 1.0      # token/position embedding init std (0.02 learns the text->layout map slowly)
+    tx.embed_init_std = 1.0      # token/position embedding init std (T5's 1.0; GPT/CLIP use 0.02)
 
     # --- diffusion ------------------------------------------------------------------------
     d = c.diffusion = ml_collections.ConfigDict()

@@ -1,5 +1,6 @@
 """Learning-rate schedules of the train step (warm-up, then constant or cosine decay)."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -7,9 +8,11 @@ import pytest
 from raphael_jax.config_lib import load_config
 from raphael_jax.train.step import learning_rate, lr_schedule
 
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+
 
 def _config(kind, final=0.0):
-    return load_config("configs/tiny.py", [f"train.lr_schedule={kind!r}", "train.learning_rate=0.002",
+    return load_config(CONFIG, [f"train.lr_schedule={kind!r}", "train.learning_rate=0.002",
                                            "train.warmup_steps=200", "train.num_steps=2400",
                                            f"train.lr_final_fraction={final}"])
 
