@@ -13,19 +13,20 @@ cd "$(dirname "$0")/.."
 
 ROOT=${ROOT:-runs/ablate}
 VARIANTS=${VARIANTS:-all}
-STEPS=${STEPS:-2200}                 # configs/tiny.py's budget; equal for every variant
+STEPS=${STEPS:-}                      # empty: the config's own budget (configs/tiny.py: 2400); equal for every variant
 NUM_PROMPTS=${NUM_PROMPTS:-200}      # held-out prompts per object count
 GUIDANCE=${GUIDANCE:-1.5,3,4.5,6,7.5,9}
 DOCS=${DOCS:-docs/ablations}
-SEED=${SEED:-0}
+SEED=${SEED:-0}                      # configs/base.py's seed: the `full` variant is then the README's main run
+OBJECTS=${OBJECTS:-1}                # stage 1 trains on single-object scenes; stage 2 evaluates 1,2,3
 
 # stage 1: single-object scenes (configs/tiny.py)
-raphael-ablate --root "$ROOT/tiny" --config configs/tiny.py --variants "$VARIANTS" --steps "$STEPS" \
-  --seed "$SEED" --num-prompts "$NUM_PROMPTS" --guidance "$GUIDANCE" --docs "$DOCS/tiny" "$@"
+raphael-ablate --root "$ROOT/tiny" --config configs/tiny.py --variants "$VARIANTS" ${STEPS:+--steps "$STEPS"} \
+  --seed "$SEED" --num-prompts "$NUM_PROMPTS" --objects "$OBJECTS" --guidance "$GUIDANCE" --docs "$DOCS/tiny" "$@"
 
 # stage 2 (MULTI=1): 1-3 object scenes, each variant started from its stage-1 run (configs/tiny_multi.py)
 if [[ "${MULTI:-0}" == "1" ]]; then
   raphael-ablate --root "$ROOT/tiny_multi" --config configs/tiny_multi.py --variants "$VARIANTS" \
-    --steps "${MULTI_STEPS:-4000}" --seed "$SEED" --init-from-root "$ROOT/tiny" --num-prompts "$NUM_PROMPTS" \
+    ${MULTI_STEPS:+--steps "$MULTI_STEPS"} --seed "$SEED" --init-from-root "$ROOT/tiny" --num-prompts "$NUM_PROMPTS" \
     --guidance "$GUIDANCE" --docs "$DOCS/tiny_multi" "$@"
 fi

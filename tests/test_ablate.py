@@ -64,7 +64,7 @@ def test_driver_end_to_end_resumes_and_skips(tmp_path, monkeypatch, capsys):
         assert cached == [f"ablate_step2_g{g}_n2_ddim2_seed1234.json" for g in ("1.5", "4.5")]
         r = json.load(open(root / name / "eval" / cached[0]))
         assert set(r["results"]) == {"1_object", "2_object"} and r["results"]["2_object"]["num_multi"] == 2
-        assert r["sfd"] >= 0.0 and r["sfd_samples"] == 2
+        assert r["sfd"] >= 0.0 and r["sfd_samples"] == 2 and r["sfd_objects"] == "1-2"  # follows --objects
     assert not (root / "experts-4").exists()
     table = (docs / "ablations.md").read_text()
     for row in ("| full | 1.5 |", "| full | 4.5 |", "| no_edge | 4.5 |", "| experts=4 | 1.5 |"):
@@ -94,3 +94,9 @@ def test_driver_end_to_end_resumes_and_skips(tmp_path, monkeypatch, capsys):
     assert {p: os.path.getmtime(p) for p in (root / "full" / "eval").iterdir()} == mtimes
     assert ablate.main(argv + ["--report-only"]) == 0
     assert body((docs / "ablations.md").read_text()) == body(table)
+
+    # a root holding runs of another config is refused, naming the key, before anything is reported
+    capsys.readouterr()
+    assert ablate.main(argv + ["--set", "train.batch_size=3", "--report-only"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of another config" in err and "train.batch_size=2 (want 3)" in err

@@ -107,6 +107,42 @@ def trained_step(workdir: str) -> int:
     return int(step or 0)
 
 
+# keys a resumed or extended run may legitimately differ in from its variant's config
+_RUN_KEYS_FREE = ("train.num_steps", "train.init_from")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, val in d.items():
+        if isinstance(val, dict):
+            out.update(_flat(val, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = val
+    return out
+
+
+def check_run_config(v: Variant) -> None:
+    """Refuse a workdir whose checkpoints hold a run of another config (a reused or mistyped
+    ``--root``, a run symlinked in by hand): its numbers would be reported under the wrong name."""
+    from raphael_jax.train.checkpoint import RunCheckpoints
+
+    if v.same_as or trained_step(v.workdir) == 0:
+        return
+    ck = RunCheckpoints(v.workdir, async_save=False)
+    try:
+        saved = _flat(json.loads(ck.restore_config().to_json()))
+    finally:
+        ck.close()
+    want = _flat(json.loads(v.config.to_json()))
+    diff = sorted(k for k in set(saved) | set(want)
+                  if k not in _RUN_KEYS_FREE and saved.get(k, "<missing>") != want.get(k, "<missing>"))
+    if diff:
+        shown = ", ".join(f"{k}={saved.get(k, '<missing>')!r} (want {want.get(k, '<missing>')!r})"
+                          for k in diff[:4])
+        raise ValueError(f"{v.workdir} holds a run of another config than variant {v.name!r}: {shown}"
+                         + (f" and {len(diff) - 4} more" if len(diff) > 4 else ""))
+
+
 def _init_from(v: Variant, init_root: str, variants: list[Variant]) -> str:
     """The workdir under ``init_root`` holding a finished run of ``v``'s config (curricula)."""
     names = [v.name] + [u.name for u in variants if u.workdir == v.workdir and u.name != v.name]
@@ -144,13 +180,13 @@ def train_variant(v: Variant, init_root: str | None = None, variants=()) -> str:
 
 # --------------------------------------------------------------------------------- evaluation
 
-def load_sfd(net_path: str | None):
+def load_sfd(net_path: str | None, objects=(1, 2, 3)):
     """SFD hook: ``fn(sampler, num, seed, guidance, num_steps) -> float``, or None without a feature net.
 
     Uses ``raphael_jax.evaluation.shapes_fd`` (optional): the Frechet distance, in the feature space
     of a small CNN trained on the world (``--sfd-net``, from ``python -m
-    raphael_jax.evaluation.shapes_fd train``), between the run's samples for ``num`` held-out 1-3
-    object scenes and the world's renderings of the same scenes.
+    raphael_jax.evaluation.shapes_fd train``), between the run's samples for ``num`` held-out scenes
+    of ``min(objects)`` to ``max(objects)`` objects and the world's renderings of the same scenes.
     """
     if not net_path:
         return None
@@ -162,13 +198,15 @@ def load_sfd(net_path: str | None):
         raise FileNotFoundError(f"--sfd-net {net_path}: no such file (train one: python -m "
                                 "raphael_jax.evaluation.shapes_fd train --out weights/shapes_fd.safetensors)")
     net, _ = mod.load_feature_net(net_path)
+    lo, hi = min(objects), max(objects)
 
     def sfd(sampler, num: int, seed: int, guidance: float, num_steps: int) -> float:
-        real, captions, _ = mod.real_images(num, seed, sampler.config.data.image_size, 1, 3)
+        real, captions, _ = mod.real_images(num, seed, sampler.config.data.image_size, lo, hi)
         gen = sampler.sample(captions, seed=seed, guidance=guidance, num_steps=num_steps)
         return float(mod.shapes_frechet_distance(net, gen, real))
 
     sfd.net_path = os.path.abspath(net_path)
+    sfd.objects = f"{lo}-{hi}"
     return sfd
 
 
@@ -197,7 +235,8 @@ def evaluate_variant(v: Variant, guidances, num_prompts: int, objects=(1, 2, 3),
         cached = json.load(open(path)) if os.path.exists(path) else None
         need = [n for n in objects if cached is None or f"{n}_object" not in cached["results"]]
         need_sfd = sfd is not None and (cached is None or cached.get("sfd") is None
-                                        or cached.get("sfd_net") != sfd.net_path)
+                                        or cached.get("sfd_net") != sfd.net_path
+                                        or cached.get("sfd_objects", "1-3") != sfd.objects)
         if not need and not need_sfd:
             out[g] = cached
             continue
@@ -215,6 +254,7 @@ def evaluate_variant(v: Variant, guidances, num_prompts: int, objects=(1, 2, 3),
             res["sfd"] = sfd(sampler, n, seed, g, num_steps)
             res["sfd_samples"] = n
             res["sfd_net"] = sfd.net_path
+            res["sfd_objects"] = sfd.objects
             print(f"--- SFD {v.name} guidance {g}: {res['sfd']:.4f}", flush=True)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".tmp"
@@ -405,7 +445,9 @@ def run(args) -> dict:
         print(f"{v.name:>14}: {v.workdir}  trained to step {trained_step(v.workdir)}/{steps}{note}")
     if args.list:
         return {}
-    sfd = load_sfd(args.sfd_net)
+    for v in variants:
+        check_run_config(v)
+    sfd = load_sfd(args.sfd_net, objects)
     evals = {}
     for v in variants:
         if not args.report_only and not args.eval_only:
