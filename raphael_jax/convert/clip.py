@@ -87,9 +87,5 @@ def load_clip_text(
       ConversionError: pickle-only directory, or missing / unexpected / mis-shaped tensors (all
         listed in one message).
     """
-    src = Path(src_dir)
-    hf_config = sio.read_config(src)
-    files = sio.find_safetensors(src, "model", variant, hint=_HINT)
-    shapes = sio.safetensors_shapes(files)
-    load = lambda names: sio.read_tensors(files, names)
-    return build_clip_text(hf_config, shapes, load, param_dtype=param_dtype, dtype=dtype, source=str(src))
+    hf_config, shapes, load = sio.open_weights_dir(src_dir, "model", variant, hint=_HINT)
+    return build_clip_text(hf_config, shapes, load, param_dtype=param_dtype, dtype=dtype, source=str(src_dir))

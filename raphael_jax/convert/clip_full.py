@@ -80,30 +80,16 @@ def build_clip_vision(
 
 
 def _source(src_dir, variant):
-    src = Path(src_dir)
-    hf_config = sio.read_config(src)
-    files = sio.find_safetensors(
-        src,
-        "model",
-        variant,
-        hint="python -m raphael_jax.convert.cli clip",  # its OUT_DIR/source/ then loads here
-    )
-    return src, hf_config, files, sio.safetensors_shapes(files)
+    # a pickle-only directory: raphael_jax.convert.cli clip writes OUT_DIR/source/, which then loads here
+    return sio.open_weights_dir(src_dir, "model", variant, hint="python -m raphael_jax.convert.cli clip")
 
 
 def load_clip_vision(
     src_dir: str | Path, *, variant: str | None = None, param_dtype: Any = jnp.float32, dtype: Any = None
 ) -> tuple[CLIPVisionTransformer, CLIPVisionConfig]:
     """The CLIP vision tower of a ``CLIPModel`` / ``CLIPVisionModel[WithProjection]`` directory."""
-    src, hf_config, files, shapes = _source(src_dir, variant)
-    return build_clip_vision(
-        hf_config,
-        shapes,
-        lambda names: sio.read_tensors(files, names),
-        param_dtype=param_dtype,
-        dtype=dtype,
-        source=str(src),
-    )
+    hf_config, shapes, load = _source(src_dir, variant)
+    return build_clip_vision(hf_config, shapes, load, param_dtype=param_dtype, dtype=dtype, source=str(src_dir))
 
 
 def load_clip_model(
@@ -115,13 +101,13 @@ def load_clip_model(
       ConversionError: not a full CLIPModel directory (no ``text_config``/``vision_config`` or no
         ``logit_scale``), pickle-only weights, or missing / unexpected / mis-shaped tensors.
     """
-    src, hf_config, files, shapes = _source(src_dir, variant)
+    src = Path(src_dir)
+    hf_config, shapes, load = _source(src, variant)
     if "text_config" not in hf_config or "vision_config" not in hf_config or "logit_scale" not in shapes:
         raise sio.ConversionError(
             f"{src}: not a full transformers CLIPModel (needs text_config, vision_config and a logit_scale "
             "tensor); for a vision-only model use load_clip_vision"
         )
-    load = lambda names: sio.read_tensors(files, names)
     text, _ = build_clip_text(hf_config, shapes, load, param_dtype=param_dtype, dtype=dtype, source=str(src))
     vision, _ = build_clip_vision(
         hf_config, shapes, load, param_dtype=param_dtype, dtype=dtype, source=str(src)

@@ -32,6 +32,7 @@ __all__ = [
     "abstract_module",
     "find_safetensors",
     "import_state",
+    "open_weights_dir",
     "read_config",
     "read_pickle_tensors",
     "read_tensors",
@@ -100,6 +101,16 @@ def find_safetensors(
             f"with save_pretrained(dir, safe_serialization=True)"
         )
     raise ConversionError(f"{src}: no {name} and no other weight files")
+
+
+def open_weights_dir(
+    src_dir: str | Path, stem: str, variant: str | None = None, hint: str = ""
+) -> tuple[dict[str, Any], dict[str, tuple[int, ...]], Callable[[Iterable[str]], dict[str, np.ndarray]]]:
+    """A save_pretrained directory as ``(config.json dict, tensor shapes, load(names) -> arrays)``,
+    the three inputs of every ``build_*`` importer (:func:`find_safetensors` picks the files)."""
+    hf_config = read_config(src_dir)
+    files = find_safetensors(src_dir, stem, variant, hint=hint)
+    return hf_config, safetensors_shapes(files), lambda names: read_tensors(files, names)
 
 
 def _header(path: Path) -> tuple[dict[str, Any], int]:

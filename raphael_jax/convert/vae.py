@@ -101,9 +101,5 @@ def load_autoencoder(
       ConversionError: pickle-only directory, or missing / unexpected / mis-shaped tensors (all
         listed in one message).
     """
-    src = Path(src_dir)
-    hf_config = sio.read_config(src)
-    files = sio.find_safetensors(src, "diffusion_pytorch_model", variant, hint=_HINT)
-    shapes = sio.safetensors_shapes(files)
-    load = lambda names: sio.read_tensors(files, names)
-    return build_autoencoder(hf_config, shapes, load, param_dtype=param_dtype, dtype=dtype, source=str(src))
+    hf_config, shapes, load = sio.open_weights_dir(src_dir, "diffusion_pytorch_model", variant, hint=_HINT)
+    return build_autoencoder(hf_config, shapes, load, param_dtype=param_dtype, dtype=dtype, source=str(src_dir))
