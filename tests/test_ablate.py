@@ -69,6 +69,7 @@ def test_driver_end_to_end_resumes_and_skips(tmp_path, monkeypatch, capsys):
     table = (docs / "ablations.md").read_text()
     for row in ("| full | 1.5 |", "| full | 4.5 |", "| no_edge | 4.5 |", "| experts=4 | 1.5 |"):
         assert row in table
+    assert "sqrt(p(1-p)/2) = 0.354 at p = 0.5" in table  # the noise level of 2 prompts per entry
     assert "experts=4 (= full)" in table and "cp 2-obj" in table and "SFD" in table
     assert (docs / "ablation_components.png").stat().st_size > 1000
     rows = json.load(open(docs / "ablations.json"))["rows"]
