@@ -126,10 +126,12 @@ def check_run_config(v: Variant) -> None:
     ``--root``, a run symlinked in by hand): its numbers would be reported under the wrong name."""
     from raphael_jax.train.checkpoint import RunCheckpoints
 
-    if v.same_as or trained_step(v.workdir) == 0:
+    if v.same_as or not os.path.isdir(os.path.join(v.workdir, "checkpoints")):
         return
-    ck = RunCheckpoints(v.workdir, async_save=False)
+    ck = RunCheckpoints(v.workdir, async_save=False)  # one manager: the step and the config
     try:
+        if not ck.latest_step():
+            return
         saved = _flat(json.loads(ck.restore_config().to_json()))
     finally:
         ck.close()
