@@ -21,7 +21,7 @@ setup(
         "array_record>=0.8.1,<0.9",
         "tensorflow-datasets>=4.9.10,<4.10",
         "safetensors>=0.8.0,<0.9",
-        "msgpack>=1.0,<2",  # precomputed-latent records (raphael_jax.data.precompute); also a flax dependency
+        "msgpack>=1.0,<2",  # precomputed-latent records (raphael_jax.data.latents); also a flax dependency
         "transformers==4.57.6",
         "numpy>=2.0,<3",
         "pillow>=11,<14",
@@ -48,11 +48,11 @@ setup(
             "raphael-train=raphael_jax.train.cli:main",
             "raphael-sample=raphael_jax.sample_cli:main",
             "raphael-eval=raphael_jax.evaluation.cli:main",
-            "raphael-params=raphael_jax.models.param_count:main",
-            "raphael-aot=raphael_jax.parallel.aot:main",
+            "raphael-params=raphael_jax.tools.param_count:main",
+            "raphael-aot=raphael_jax.tools.aot:main",
             "raphael-paths=raphael_jax.analysis.cli:main",
             "raphael-ablate=raphael_jax.analysis.ablate:main",
-            "raphael-precompute=raphael_jax.data.precompute:main",
+            "raphael-precompute=raphael_jax.data.latents:main",
         ],
     },
 )

@@ -44,9 +44,9 @@ def cpu_model() -> str:
 
 
 def build(config_spec: str, experts: int, overrides):
-    from raphael_jax.config_lib import load_config
+    from raphael_jax.config import load_config
     from raphael_jax.models.raphael import build_model
-    from raphael_jax.train.step import split_model
+    from raphael_jax.train.state import split_model
 
     path, _, arg = config_spec.partition(":")
     cfg = load_config(f"{path}:{','.join(a for a in (arg, f'experts={experts}') if a)}", overrides)

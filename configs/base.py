@@ -2,7 +2,7 @@
 
 Variants import this and edit it (``tiny.py``, ``small.py``, ``raphael_3b.py``). The ``arg`` of
 ``get_config`` takes ablation switches, e.g. ``configs/tiny.py:no_space_moe,no_edge``
-(see ``raphael_jax.config_lib.apply_variant``).
+(see ``raphael_jax.config.apply_variant``).
 """
 import ml_collections
 

@@ -5,7 +5,7 @@ Latent diffusion on KL-f8 latents (4 channels) with frozen OpenCLIP ViT-g/14 tex
 warm-up steps, batch 2000, epsilon target, T = 1000, T_c = 500, alpha = 0.2.
 Denoiser parameters (``raphael-params --config configs/raphael_3b.py``): see README.
 """
-from raphael_jax.config_lib import apply_variant, sibling_config
+from raphael_jax.config import apply_variant, sibling_config
 
 BASE_WIDTH = 384
 

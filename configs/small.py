@@ -5,7 +5,7 @@
 SD-like 3-level pixel U-Net (2x2 stem, 64/128/256 channels), RAPHAEL blocks at every level with
 6 space experts and 4 time experts as in the paper.
 """
-from raphael_jax.config_lib import apply_variant, sibling_config
+from raphael_jax.config import apply_variant, sibling_config
 
 
 def get_config(arg=None):

@@ -1,6 +1,6 @@
 """Small latent RAPHAEL on precomputed KL-f8 latents and frozen CLIP text states (real image-text data).
 
-    python -m raphael_jax.data.image_text DATA/laion_folder --data-dir tfds        # build (docs/DATA_REAL.md)
+    python -m raphael_jax.data.real.sources DATA/laion_folder --data-dir tfds        # build (docs/DATA_REAL.md)
     raphael-precompute --config configs/small_latent.py --set data.tfds_dir=... --set data.latents_dir=...
     raphael-train --config configs/small_latent.py --set data.latents_dir=... --workdir runs/small_latent
 
@@ -20,7 +20,7 @@ checks it against the precompute's ``meta.json``. Latents of the nine buckets (/
 Sampling previews need the VAE decoder and CLIP in the trainer, which it does not load:
 ``train.sample_every = 0``.
 """
-from raphael_jax.config_lib import apply_variant, sibling_config
+from raphael_jax.config import apply_variant, sibling_config
 
 CLIP_WIDTH = 1024  # OpenCLIP ViT-g/14
 

@@ -7,9 +7,9 @@ blocks at 8x8, 4x4 and the middle (7 blocks), 4 space experts, 4 time experts,
 edge heads, a 2-layer trainable text encoder. v-prediction with the cosine schedule: on a short
 budget epsilon leaves the layout to the initial noise (ENV_NOTES 11b). Single-object scenes.
 Results (README "Results"): per-attribute accuracy on 200 held-out single-object prompts.
-Ablations: ``configs/tiny.py:no_space_moe`` etc. (``raphael_jax.config_lib.apply_variant``).
+Ablations: ``configs/tiny.py:no_space_moe`` etc. (``raphael_jax.config.apply_variant``).
 """
-from raphael_jax.config_lib import apply_variant, sibling_config
+from raphael_jax.config import apply_variant, sibling_config
 
 
 def get_config(arg=None):

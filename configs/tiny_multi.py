@@ -7,7 +7,7 @@
 Without space-MoE (the comparison the README asks for; not run yet): the same two commands with
 ``configs/tiny.py:no_space_moe`` and ``configs/tiny_multi.py:no_space_moe``.
 """
-from raphael_jax.config_lib import apply_variant, sibling_config
+from raphael_jax.config import apply_variant, sibling_config
 
 
 def get_config(arg=None):

@@ -23,8 +23,9 @@ def main(argv=None) -> int:
             p.error("--prompt must not be empty (use a caption such as 'a big red circle at the top left')")
 
     from raphael_jax.sampling import Sampler, image_grid, save_png
+    from raphael_jax.train.checkpoint import load_run
 
-    sampler = Sampler.from_workdir(args.workdir)
+    sampler = Sampler.from_run(load_run(args.workdir))
     prompts = [pr for pr in args.prompt for _ in range(args.num)]
     images = sampler.sample(prompts, seed=args.seed, num_steps=args.steps, guidance=args.guidance, eta=args.eta)
     os.makedirs(args.out, exist_ok=True)

@@ -1,12 +1,11 @@
 """Sampling from a trained run: DDIM with classifier-free guidance on the EMA parameters.
 
-``Sampler.from_workdir(workdir)`` restores the latest checkpoint's EMA weights, config and
-tokenizer; ``sample(prompts)`` returns uint8 images; ``save_png`` writes them with the prompt in
-the PNG's text metadata.
+``Sampler.from_run(load_run(workdir))`` samples the latest checkpoint's EMA weights with its config
+and tokenizer; ``sample(prompts)`` returns uint8 images; ``save_png`` writes them with the prompt in
+the PNG's text metadata. This module imports nothing from ``raphael_jax.train`` (the trainer's
+previews use it).
 """
 from __future__ import annotations
-
-import os
 
 import jax
 import jax.numpy as jnp
@@ -14,13 +13,10 @@ import numpy as np
 from flax import nnx
 from PIL import Image, PngImagePlugin
 
-from raphael_jax.data.tokenizer import Tokenizer
+from raphael_jax.data.shapes.tokenizer import Tokenizer
 from raphael_jax.diffusion.ddim import ddim_sample
 from raphael_jax.diffusion.schedule import NoiseSchedule
-from raphael_jax.models.raphael import RaphaelModel
 from raphael_jax.models.routing import pop_intermediates
-
-TOKENIZER_FILE = "tokenizer.model"
 
 
 def ddim_options(config) -> dict:
@@ -42,6 +38,14 @@ def to_uint8(x) -> np.ndarray:
 
 
 class Sampler:
+    """The one sampler every caller uses: text encoding as trained, DDIM + classifier-free guidance.
+
+    ``Sampler.from_run(load_run(workdir))`` (``raphael_jax.train.checkpoint.load_run``) samples a
+    trained run's EMA weights. Callers that need their own batching, sharding or recorded outputs
+    (COCO FID-30k, path analysis) use the public steps: :meth:`tokenize`, :meth:`encode_tokens` /
+    :meth:`encode`, :meth:`initial_noise` and :meth:`guided_sample`.
+    """
+
     def __init__(self, config, graphdef, params, tokenizer: Tokenizer, step: int = -1):
         self.step = step
         self.config = config
@@ -58,57 +62,63 @@ class Sampler:
         def encode(p, tokens, mask):
             return nnx.merge(gd, p).encode_text(tokens, mask)
 
-        self._denoise = denoise
+        self.denoise = denoise  # static argument of ddim_sample: one callable, one compiled loop
         self._encode = jax.jit(encode)
 
     @classmethod
-    def from_workdir(cls, workdir: str, step: int | None = None, use_ema: bool = True) -> Sampler:
-        from raphael_jax.train.checkpoint import RunCheckpoints
-        from raphael_jax.train.step import init_state, make_optimizer, split_model
+    def from_run(cls, run, use_ema: bool = True) -> Sampler:
+        """A sampler of a restored run (``raphael_jax.train.checkpoint.Run``): EMA weights by default."""
+        return cls(run.config, run.graphdef, run.ema_params if use_ema else run.params, run.tokenizer, run.step)
 
-        ckpts = RunCheckpoints(workdir, async_save=False)
-        if ckpts.latest_step() is None:
-            raise FileNotFoundError(f"{workdir} holds no checkpoint (train first: raphael-train --workdir {workdir})")
-        config = ckpts.restore_config(step)
-        tok_path = os.path.join(workdir, TOKENIZER_FILE)
-        tokenizer = Tokenizer.load(tok_path)
-        # abstract model only (no random init): the checkpoint supplies every value
-        graphdef, params = split_model(nnx.eval_shape(lambda: RaphaelModel(config, rngs=nnx.Rngs(config.seed))))
-        abstract = jax.eval_shape(lambda p: init_state(config, graphdef, p, make_optimizer(config)), params)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-        state, _ = ckpts.restore(abstract, step)
-        ckpts.close()
-        return cls(config, graphdef, state["ema_params" if use_ema else "params"], tokenizer, int(state["step"]))
-
-    def encode_prompts(self, prompts):
+    def tokenize(self, prompts) -> tuple[jax.Array, jax.Array]:
+        """(tokens int32 [N, L], mask bool [N, L]) of ``prompts`` at the run's ``text.max_len``."""
         tokens, mask = self.tokenizer.encode(list(prompts), self.config.text.max_len)
         return jnp.asarray(tokens), jnp.asarray(mask)
 
-    def sample(self, prompts, seed: int = 0, num_steps: int | None = None, guidance: float | None = None,
-               eta: float | None = None, batch_size: int = 100, return_trajectory: bool = False):
-        """uint8 images [N, H, W, C] for ``prompts`` (classifier-free guidance against the empty prompt)."""
+    def encode_tokens(self, tokens, mask, params=None) -> dict:
+        """Text states ``{"context": [N, L, D], "mask": [N, L]}`` as the denoiser was trained on them."""
+        return {"context": self._encode(self.params if params is None else params, tokens, mask), "mask": mask}
+
+    def encode(self, prompts) -> dict:
+        """:meth:`encode_tokens` of :meth:`tokenize`."""
+        return self.encode_tokens(*self.tokenize(prompts))
+
+    def image_shape(self, n: int) -> tuple[int, int, int, int]:
+        size = self.config.data.image_size
+        return (n, size, size, self.config.model.in_channels)
+
+    def initial_noise(self, key: jax.Array, n: int) -> jax.Array:
+        return jax.random.normal(key, self.image_shape(n))
+
+    def guided_sample(self, x_T, cond: dict, uncond: dict | None, *, num_steps: int | None = None,
+                      guidance: float | None = None, eta: float | None = None, key: jax.Array | None = None,
+                      params=None, denoise_fn=None, **ddim_kwargs):
+        """DDIM with classifier-free guidance from ``x_T`` with the run's ``sample`` settings.
+
+        ``num_steps``/``guidance``/``eta`` default to the config's. ``denoise_fn(params, x, t, ctx)``
+        replaces the plain denoiser (e.g. one that also returns recorded routes, with
+        ``has_aux=True`` in ``ddim_kwargs``); ``ddim_kwargs`` go to ``ddim_sample``
+        (``return_trajectory``, ``has_aux``). Returns what ``ddim_sample`` returns.
+        """
         sc = self.config.sample
-        num_steps = num_steps or sc.num_steps
-        guidance = sc.guidance if guidance is None else guidance
-        eta = sc.eta if eta is None else eta
+        opts = {**ddim_options(self.config), **ddim_kwargs}
+        return ddim_sample(denoise_fn or self.denoise, self.sched, x_T, cond, uncond,
+                           num_steps=num_steps or sc.num_steps, guidance=sc.guidance if guidance is None else guidance,
+                           eta=sc.eta if eta is None else eta, prediction=self.config.diffusion.prediction,
+                           key=key, params=self.params if params is None else params, **opts)
+
+    def sample(self, prompts, seed: int = 0, num_steps: int | None = None, guidance: float | None = None,
+               eta: float | None = None, batch_size: int = 100):
+        """uint8 images [N, H, W, C] for ``prompts`` (classifier-free guidance against the empty prompt)."""
         out = []
         prompts = list(prompts)
-        size = self.config.data.image_size
-        channels = self.config.model.in_channels
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             n = len(chunk)
-            tokens, mask = self.encode_prompts(chunk)
-            empty_tok, empty_mask = self.encode_prompts([""] * n)
-            cond = {"context": self._encode(self.params, tokens, mask), "mask": mask}
-            uncond = {"context": self._encode(self.params, empty_tok, empty_mask), "mask": empty_mask}
             key = jax.random.fold_in(jax.random.key(seed), start)
             k_init, k_eta = jax.random.split(key)
-            x_T = jax.random.normal(k_init, (n, size, size, channels))
-            x0 = ddim_sample(self._denoise, self.sched, x_T, cond, uncond, num_steps=num_steps, guidance=guidance,
-                             eta=eta, prediction=self.config.diffusion.prediction, key=k_eta,
-                             params=self.params, **ddim_options(self.config))
+            x0 = self.guided_sample(self.initial_noise(k_init, n), self.encode(chunk), self.encode([""] * n),
+                                    num_steps=num_steps, guidance=guidance, eta=eta, key=k_eta)
             out.append(to_uint8(x0))
         return np.concatenate(out)
 
@@ -120,12 +130,10 @@ class Sampler:
         """
         from raphael_jax.diffusion.schedule import q_sample
 
-        tokens, mask = self.encode_prompts(prompts)
+        tokens, mask = self.tokenize(prompts)
         n = len(prompts)
-        size, ch = self.config.data.image_size, self.config.model.in_channels
-        key = jax.random.key(seed)
-        x0 = image if image is not None else jnp.zeros((n, size, size, ch))
-        x_t = q_sample(self.sched, x0, jnp.full((n,), t), jax.random.normal(key, (n, size, size, ch)))
+        x0 = image if image is not None else jnp.zeros(self.image_shape(n))
+        x_t = q_sample(self.sched, x0, jnp.full((n,), t), self.initial_noise(jax.random.key(seed), n))
         model = nnx.merge(self.graphdef, self.params)
         ctx = model.encode_text(tokens, mask)
         model.unet(x_t, jnp.full((n,), t), ctx, mask, record_masks=True, with_edges=False)

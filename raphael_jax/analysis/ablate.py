@@ -3,7 +3,7 @@
     raphael-ablate --root runs/ablate --config configs/tiny.py --variants fig6b,dense,experts \\
         --steps 2200 --docs docs/ablations
 
-Every variant (``raphael_jax.config_lib.apply_variant`` switches: ``full``, ``no_space_moe``,
+Every variant (``raphael_jax.config.apply_variant`` switches: ``full``, ``no_space_moe``,
 ``no_time_moe``, ``no_edge``, ``dense``, ``experts=N``, ``alpha=X``, ``tc=N``; ``+`` combines
 switches, e.g. ``no_edge+experts=2``) trains in its own workdir ``<root>/<variant>`` with the same
 config, seed, batch and number of steps, then is evaluated at each guidance weight (paper: 1.5, 3,
@@ -67,7 +67,7 @@ class Variant:
 
 def variant_config(config_spec: str, variant: str, overrides=()):
     """Config for ``variant`` (``+``-combined switches) on top of ``config_spec`` (``file.py[:arg]``)."""
-    from raphael_jax.config_lib import load_config
+    from raphael_jax.config import load_config
 
     path, _, base_arg = config_spec.partition(":")
     arg = ",".join(a for a in (base_arg, variant.replace("+", ",")) if a)
@@ -221,7 +221,7 @@ def evaluate_variant(v: Variant, guidances, num_prompts: int, objects=(1, 2, 3),
                      seed: int | None = None, sfd=None, sfd_samples: int | None = None) -> dict:
     """``{guidance: cached-or-fresh result}`` for a trained variant; each guidance cached as JSON.
 
-    A result holds ``results`` (per object count, ``raphael_jax.data.analyzer.score``) and ``sfd``
+    A result holds ``results`` (per object count, ``raphael_jax.data.shapes.analyzer.score``) and ``sfd``
     (``load_sfd``; None without a feature net).
     """
     from raphael_jax.evaluation.alignment import evaluate_alignment
@@ -244,7 +244,8 @@ def evaluate_variant(v: Variant, guidances, num_prompts: int, objects=(1, 2, 3),
             continue
         if sampler is None:
             from raphael_jax.sampling import Sampler
-            sampler = Sampler.from_workdir(v.workdir)
+            from raphael_jax.train.checkpoint import load_run
+            sampler = Sampler.from_run(load_run(v.workdir))
         res = dict(cached or {"variant": v.name, "step": step, "guidance": g, "num_prompts": num_prompts,
                               "num_steps": num_steps, "seed": seed, "results": {}, "sfd": None})
         if need:

@@ -53,8 +53,9 @@ def main(argv=None) -> int:
         plot_route_diagram,
         plot_time_usage,
     )
-    from raphael_jax.data.shapes import make_caption, sample_prompts
+    from raphael_jax.data.shapes.world import make_caption, sample_prompts
     from raphael_jax.sampling import Sampler
+    from raphael_jax.train.checkpoint import load_run
 
     unknown = [c for c in cats if c not in CATEGORIES]
     if unknown or not cats:
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     if args.templates < args.folds:
         p.error(f"--templates must be at least --folds={args.folds}")
     os.makedirs(args.out, exist_ok=True)
-    sampler = Sampler.from_workdir(args.workdir, step=args.step, use_ema=not args.no_ema)
+    sampler = Sampler.from_run(load_run(args.workdir, args.step), use_ema=not args.no_ema)
     rec = PathRecorder(sampler)
     print(f"{args.workdir} at step {sampler.step}: {len(rec.space_layers)} space-MoE layers x "
           f"{rec.num_space_experts} experts, {len(rec.time_layers)} time-MoE layers x "

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from raphael_jax.data.shapes import COLOURS, KINDS, PLACES, SIZES, ShapeObject, make_caption, sample_objects
+from raphael_jax.data.shapes.world import COLOURS, KINDS, PLACES, SIZES, ShapeObject, make_caption, sample_objects
 from raphael_jax.models.moe import SpaceMoE, TimeMoE
 from raphael_jax.models.routing import _path_key, pop_intermediates
 
@@ -157,7 +157,7 @@ def _module_paths(model, cls) -> list[str]:
 class PathRecorder:
     """Records space routes (per token, per space-MoE layer) and time routes of a trained model.
 
-    ``PathRecorder(sampler)`` takes a :class:`raphael_jax.sampling.Sampler` (``Sampler.from_workdir``):
+    ``PathRecorder(sampler)`` takes a :class:`raphael_jax.sampling.Sampler` (``Sampler.from_run(load_run(dir))``):
     its EMA parameters, config and tokenizer. Only the small trainable text encoder is supported
     (the shapes world); routes come from a jitted U-Net forward pass that sows them by name.
     """
@@ -194,10 +194,6 @@ class PathRecorder:
         self._forward = jax.jit(forward)
         self._denoise = denoise  # static argument of ddim_sample: one callable, one compilation
 
-    def _image_shape(self, n: int):
-        size = self.config.data.image_size
-        return (n, size, size, self.config.model.in_channels)
-
     def space_routes(self, prompts) -> tuple[np.ndarray, np.ndarray]:
         """(routes int [N, n_layers, L] with -1 on padding, token mask bool [N, L]) for ``prompts``."""
         if not self.space_layers:
@@ -209,8 +205,8 @@ class PathRecorder:
             chunk = prompts[start:start + self.batch_size]
             n = len(chunk)
             pad = min(self.batch_size, -(-n // 32) * 32) - n  # few batch shapes, few compilations
-            tokens, mask = self.sampler.encode_prompts(chunk + [""] * pad)
-            x = jnp.zeros(self._image_shape(n + pad))
+            tokens, mask = self.sampler.tokenize(chunk + [""] * pad)
+            x = jnp.zeros(self.sampler.image_shape(n + pad))
             t = jnp.full((n + pad,), self.timestep, jnp.int32)
             space, _ = self._forward(self.sampler.params, x, t, tokens, mask)
             if len(space) != len(self.space_layers):
@@ -250,26 +246,15 @@ class PathRecorder:
         2B], "mode": int [S, n_blocks], "agreement": fraction of samples on the mode route,
         "usage": [n_blocks, K] share of DDIM steps each expert handles (over all samples)}``.
         """
-        from raphael_jax.diffusion.ddim import ddim_sample
-        from raphael_jax.sampling import ddim_options
-
         if not self.time_layers:
             raise ValueError("this model has no time-MoE layers (time_moe.enabled=False)")
-        sc = self.config.sample
-        num_steps = num_steps or sc.num_steps
-        guidance = sc.guidance if guidance is None else guidance
+        guidance = self.config.sample.guidance if guidance is None else guidance
         prompts = list(prompts)
         n = len(prompts)
-        tokens, mask = self.sampler.encode_prompts(prompts)
-        e_tok, e_mask = self.sampler.encode_prompts([""] * n)
-        enc = self.sampler._encode
-        cond = {"context": enc(self.sampler.params, tokens, mask), "mask": mask}
-        uncond = {"context": enc(self.sampler.params, e_tok, e_mask), "mask": e_mask}
-        x_T = jax.random.normal(jax.random.key(seed), self._image_shape(n))
-        _, traj = ddim_sample(self._denoise, self.sampler.sched, x_T, cond, uncond, num_steps=num_steps,
-                              guidance=guidance, prediction=self.config.diffusion.prediction,
-                              params=self.sampler.params, has_aux=True, return_trajectory=True,
-                              **ddim_options(self.config))
+        s = self.sampler
+        x_T = s.initial_noise(jax.random.key(seed), n)
+        _, traj = s.guided_sample(x_T, s.encode(prompts), s.encode([""] * n), num_steps=num_steps, guidance=guidance,
+                                  denoise_fn=self._denoise, has_aux=True, return_trajectory=True)
         routes = np.asarray(traj["aux"])  # [S, n_blocks, 2B]
         k = self.num_time_experts
         counts = np.stack([(routes == e).sum(axis=2) for e in range(k)], axis=-1)  # [S, n_blocks, K]

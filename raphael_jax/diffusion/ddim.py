@@ -11,7 +11,7 @@ Classifier-free guidance on the model output (eps or v, both linear in the outpu
 ``out = out_uncond + w (out_cond - out_uncond)``; ``w = 1`` is the conditional model, ``w = 0`` the
 unconditional one. Cond and uncond are evaluated in ONE denoiser call on the batch ``[cond; uncond]``.
 
-Parity with diffusers ``DDIMScheduler`` (checked in tests/test_diffusion.py):
+Parity with diffusers ``DDIMScheduler`` (checked in tests/diffusion/test_diffusion.py):
 
 - ``timestep_spacing`` "leading" (diffusers default), "trailing" or "linspace", and ``steps_offset``
   exactly as ``DDIMScheduler.set_timesteps``.

@@ -5,8 +5,8 @@ import json
 import os
 import time
 
-from raphael_jax.data.analyzer import score
-from raphael_jax.data.shapes import make_caption, sample_prompts
+from raphael_jax.data.shapes.analyzer import score
+from raphael_jax.data.shapes.world import make_caption, sample_prompts
 
 ATTRS = ("colour", "place", "kind", "size", "all", "colour_and_place_all")
 

@@ -24,22 +24,23 @@ def main(argv=None) -> int:
 
     from raphael_jax.evaluation.alignment import evaluate_alignment, save_results
     from raphael_jax.sampling import Sampler
+    from raphael_jax.train.checkpoint import load_run
 
     if args.what == "probe":
         from raphael_jax.evaluation.denoise_probe import denoise_probe
 
-        sampler = Sampler.from_workdir(args.workdir)
+        sampler = Sampler.from_run(load_run(args.workdir))
         res = denoise_probe(sampler, tuple(int(t) for t in args.timesteps.split(",")), args.num)
         print(f"one-step x0 from x_t, {args.num} held-out single-object scenes, step {sampler.step}")
         for t, r in res.items():
             print(f"  t={t:4d}: " + "  ".join(f"{k} {v:.3f}" for k, v in r.items()))
         return 0
 
-    sampler = Sampler.from_workdir(args.workdir)
+    sampler = Sampler.from_run(load_run(args.workdir))
     cfg = sampler.config
     if any(not kv.startswith("sample.") for kv in args.set):
         p.error("--set only overrides sample.* settings (the weights fix everything else)")
-    from raphael_jax.config_lib import apply_overrides
+    from raphael_jax.config import apply_overrides
 
     try:
         apply_overrides(cfg, args.set)

@@ -7,7 +7,7 @@ averaged over the images, with E_img / E_txt the projected CLIP embeddings
 exactly as transformers' ``CLIPImageProcessor`` does it: shorter side resized to ``resize`` with
 PIL bicubic (longer side ``int(resize * long / short)``), center crop ``crop`` (top/left
 ``(size - crop) // 2``), /255, then (x - mean) / std. Captions are tokenized with the CLIP BPE
-tokenizer (:mod:`raphael_jax.data.clip_tokenizer`), truncated to the text tower's 77 positions.
+tokenizer (:mod:`raphael_jax.data.real.clip_tokenizer`), truncated to the text tower's 77 positions.
 
 The paper reports CLIP score only inside the Fig. 6b trade-off curves and does not name the CLIP
 model (PAPER.md section 8); torchmetrics and most papers use ViT-L/14
@@ -106,7 +106,7 @@ class ClipScorer:
     ) -> ClipScorer:
         """A transformers CLIPModel directory (safetensors, vocab.json, merges.txt,
         preprocessor_config.json); the tokenizer files may live in ``tokenizer_dir``."""
-        from raphael_jax.data.clip_tokenizer import load_clip_tokenizer
+        from raphael_jax.data.real.clip_tokenizer import load_clip_tokenizer
 
         model = load_clip_model(clip_dir)
         proc = load_image_processor_config(clip_dir, model.vision_model.config.image_size)

@@ -174,8 +174,8 @@ class RaphaelSampler:
     """A :class:`raphael_jax.sampling.Sampler` (DDIM + CFG on the EMA weights) sharded over the
     local devices, with per-caption-index initial noise ``normal(fold_in(key(seed), i))``.
 
-    Mirrors ``Sampler.sample`` (same encoder, denoiser, schedule and config defaults) except for the
-    noise keys and the device sharding of the batch (weights replicated).
+    Uses the Sampler's public steps (same encoder, guided loop and config defaults as ``Sampler.sample``)
+    with its own noise keys and the batch sharded over the devices (weights replicated).
     """
 
     def __init__(
@@ -208,35 +208,20 @@ class RaphaelSampler:
         )
 
     def sample_batch(self, prompts, indices):
-        from raphael_jax.diffusion.ddim import ddim_sample
-        from raphael_jax.sampling import ddim_options, to_uint8
+        from raphael_jax.sampling import to_uint8
 
         s, n = self.sampler, len(prompts)
         pad = -n % len(self.devices)
         prompts = list(prompts) + [""] * pad
         idx = np.concatenate([np.asarray(indices, np.int32), np.zeros(pad, np.int32)])
         put = lambda a: jax.device_put(np.asarray(a), self._data)
-        tokens, mask = s.tokenizer.encode(prompts, s.config.text.max_len)
-        empty_tok, empty_mask = s.tokenizer.encode([""] * len(prompts), s.config.text.max_len)
-        tokens, mask, empty_tok, empty_mask = map(put, (tokens, mask, empty_tok, empty_mask))
-        cond = {"context": s._encode(self._params, tokens, mask), "mask": mask}
-        uncond = {"context": s._encode(self._params, empty_tok, empty_mask), "mask": empty_mask}
-        x_T = self._noise(put(idx))
+        tokens, mask = map(put, s.tokenize(prompts))
+        empty_tok, empty_mask = map(put, s.tokenize([""] * len(prompts)))
+        cond = s.encode_tokens(tokens, mask, params=self._params)
+        uncond = s.encode_tokens(empty_tok, empty_mask, params=self._params)
         key = jax.random.fold_in(jax.random.key(self.seed + 1), int(idx[0]))
-        x0 = ddim_sample(
-            s._denoise,
-            s.sched,
-            x_T,
-            cond,
-            uncond,
-            num_steps=self.num_steps,
-            guidance=self.guidance,
-            eta=self.eta,
-            prediction=s.config.diffusion.prediction,
-            key=key,
-            params=self._params,
-            **ddim_options(s.config),
-        )
+        x0 = s.guided_sample(self._noise(put(idx)), cond, uncond, num_steps=self.num_steps, guidance=self.guidance,
+                             eta=self.eta, key=key, params=self._params)
         return to_uint8(x0)[:n]
 
 
@@ -246,9 +231,10 @@ def make_sampler(spec: str, args: argparse.Namespace) -> CaptionSampler:
         return NoiseSampler(args.image_size, args.sample_seed)
     if spec.startswith("workdir:"):
         from raphael_jax.sampling import Sampler
+        from raphael_jax.train.checkpoint import load_run
 
         return RaphaelSampler(
-            Sampler.from_workdir(spec[len("workdir:") :]),
+            Sampler.from_run(load_run(spec[len("workdir:") :])),
             seed=args.sample_seed,
             guidance=args.guidance,
             num_steps=args.steps,

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from raphael_jax.data.analyzer import score
-from raphael_jax.data.shapes import example
+from raphael_jax.data.shapes.analyzer import score
+from raphael_jax.data.shapes.world import example
 from raphael_jax.diffusion.schedule import predict_x0_and_eps, q_sample
 from raphael_jax.sampling import to_uint8
 
@@ -23,7 +23,7 @@ def denoise_probe(sampler, timesteps=(999, 950, 800, 500, 200), num: int = 64, s
     cfg = sampler.config
     exs = [example(seed, i, cfg.data.image_size, 1, 1, stream=1) for i in range(num)]
     x0 = jnp.asarray(np.stack([e["image"] for e in exs]), jnp.float32) / 127.5 - 1.0
-    tokens, mask = sampler.encode_prompts([e["caption"] for e in exs])
+    tokens, mask = sampler.tokenize([e["caption"] for e in exs])
     model = nnx.merge(sampler.graphdef, sampler.params)
     ctx = model.encode_text(tokens, mask)
     out = {}

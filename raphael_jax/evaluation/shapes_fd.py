@@ -36,7 +36,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from raphael_jax.data.shapes import COLOURS, KINDS, PLACES, SIZES, example
+from raphael_jax.data.shapes.world import COLOURS, KINDS, PLACES, SIZES, example
 from raphael_jax.evaluation.fid import FeatureExtractor, feature_statistics, frechet_distance
 
 __all__ = [
@@ -291,10 +291,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out}; held-out accuracy {metrics['heldout_accuracy']}")
         return 0
     from raphael_jax.sampling import Sampler
+    from raphael_jax.train.checkpoint import load_run
 
     lo, hi = (int(v) for v in args.objects.split(","))
     net, _ = load_feature_net(args.net)
-    sampler = Sampler.from_workdir(args.workdir)
+    sampler = Sampler.from_run(load_run(args.workdir))
     real, captions, _ = real_images(args.num, args.seed, sampler.config.data.image_size, lo, hi)
     gen = sampler.sample(captions, seed=args.seed, guidance=args.guidance, num_steps=args.steps)
     sfd = shapes_frechet_distance(net, gen, real)

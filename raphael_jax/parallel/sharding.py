@@ -1,16 +1,11 @@
-"""Sharding helpers for the trainer: state shardings from logical names, sharded init, global batches,
-and the train step jitted with explicit in/out shardings and donated state.
+"""Shardings of pytrees and batches from logical axis names (knows no model).
 
-The train state is ``{step, params, ema_params, opt_state, rng}``; ``params`` is an ``nnx.State``
-whose ``nnx.Param`` leaves carry their logical axis names as ``out_sharding`` metadata, and
-optax's moments (``mu``, ``nu``) are maps over the same tree, so they carry them too. Every
-Variable gets ``plan.sharding(names, shape)``; every other leaf (step, counters, RNG) is replicated.
+Every ``nnx.Variable`` leaf of a tree gets ``plan.sharding(names, shape)`` from its logical axis
+names (``out_sharding`` metadata); every other leaf (step, counters, RNG) is replicated. optax's
+moments (``mu``, ``nu``) are maps over the parameter tree, so they carry the names too.
 
-    plan = ShardingPlan.from_config(config, mesh_from_config(config))
-    graphdef, abstract, shardings, init = abstract_train_state(config, tx, plan)
-    state = jax.jit(init, out_shardings=shardings)()          # created sharded, never gathered
-    step = jit_train_step(make_train_step(graphdef, ...), plan, shardings, config.train.batch_size)
-    state, metrics = step(state, global_batch(plan, host_local_batch), rng)
+    shardings = tree_shardings(abstract_state, plan)
+    batch = global_batch(plan, host_local_batch)
 """
 from __future__ import annotations
 
@@ -20,7 +15,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from raphael_jax.parallel import rules as rules_lib
 from raphael_jax.parallel.rules import ShardingPlan
 
 
@@ -58,57 +52,6 @@ def with_shardings(abstract, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def abstract_train_state(config, tx, plan: ShardingPlan, seed: int | None = None):
-    """(graphdef, abstract state, state shardings, init) without allocating the model.
-
-    ``jax.jit(init, out_shardings=shardings)()`` creates the state directly in its sharded layout.
-    """
-    from raphael_jax.models.raphael import build_model
-    from raphael_jax.train.step import init_state, split_model
-
-    seed = config.seed if seed is None else seed
-
-    def init():
-        graphdef, params = split_model(build_model(config, seed))
-        return init_state(config, graphdef, params, tx)
-
-    graphdef, _ = split_model(nnx.eval_shape(lambda: build_model(config, seed)))
-    abstract = jax.eval_shape(init)
-    shardings = tree_shardings(abstract, plan)
-    return graphdef, abstract, shardings, init
-
-
-# The init program runs once; on XLA:CPU most of its compile time is LLVM optimising ~250 unrolled
-# threefry kernels, so it is compiled without the expensive LLVM passes (2-3x faster, same values).
-_CPU_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-_INIT_CACHE: dict = {}
-
-
-def sharded_init(config, init, shardings, plan: ShardingPlan):
-    """Run ``init`` jitted with ``out_shardings=shardings``: the state is born sharded.
-
-    The compiled program is kept per (config, mesh) for the process's lifetime (a few entries), so
-    a second run of the same config in one process (tests, notebooks) does not compile it again.
-    """
-    key = (config.to_json(), tuple(d.id for d in plan.mesh.devices.flat), tuple(plan.shape.items()),
-           tuple(sorted(plan.rules.items())))
-    compiled = _INIT_CACHE.get(key)
-    if compiled is None:
-        lowered = jax.jit(init, out_shardings=shardings).lower()
-        cpu = plan.mesh.devices.flat[0].platform == "cpu"
-        compiled = lowered.compile(compiler_options=_CPU_FAST_COMPILE if cpu else None)
-        if len(_INIT_CACHE) >= 4:
-            _INIT_CACHE.pop(next(iter(_INIT_CACHE)))
-        _INIT_CACHE[key] = compiled
-    return compiled()
-
-
-def create_sharded_state(config, tx, plan: ShardingPlan, seed: int | None = None):
-    """(graphdef, state, shardings): the initial train state, created sharded on ``plan.mesh``."""
-    graphdef, _, shardings, init = abstract_train_state(config, tx, plan, seed)
-    return graphdef, sharded_init(config, init, shardings, plan), shardings
-
-
 def global_batch(plan: ShardingPlan, local: Mapping) -> dict:
     """Host-local numpy batch -> global ``jax.Array``s sharded over the batch axes.
 
@@ -121,22 +64,6 @@ def global_batch(plan: ShardingPlan, local: Mapping) -> dict:
         v = np.asarray(v)
         out[k] = jax.make_array_from_process_local_data(plan.batch_sharding(v.shape[0] * n), v)
     return out
-
-
-def jit_train_step(train_step, plan: ShardingPlan, state_shardings, global_batch_size: int | None = None):
-    """``train_step`` jitted with explicit shardings, the state donated, traced under ``plan``.
-
-    The batch (a dict of batch-major arrays) is sharded over the batch axes, the RNG and metrics
-    are replicated, the state keeps ``state_shardings`` (updated in place: donated).
-    """
-
-    def step(state, batch, rng):
-        with rules_lib.use(plan):
-            return train_step(state, batch, rng)
-
-    rep = plan.replicated()
-    return jax.jit(step, in_shardings=(state_shardings, plan.batch_sharding(global_batch_size), rep),
-                   out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
 
 def per_device_bytes(abstract, shardings) -> int:

