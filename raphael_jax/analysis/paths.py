@@ -8,7 +8,7 @@ the timestep or the image position, only on the word and its caption context.
 The study, adapted to the captioned-shapes world:
 
 1. **Templates.** For a word category (``colour``, ``kind``, also ``size`` and ``place``) draw
-   ``n`` caption contexts from the world (1-3 objects, a held-out stream never used for training)
+   ``n`` caption contexts from the world (1-3 objects, from the evaluation stream 1; scenes the trainer never draws, words it has seen)
    and blank one object's word of that category: ``"a big {} circle at the top left and a small
    blue square in the center"``. Every word of the category fills every template (a paired design,
    as the paper's 100 GPT templates x 100 adjectives), so words differ only by themselves.

@@ -1,4 +1,4 @@
-"""Text-image alignment on the shapes world: sample held-out prompts, score them with the analyzer."""
+"""Text-image alignment on the shapes world: sample evaluation prompts, score them with the analyzer."""
 from __future__ import annotations
 
 import json
@@ -13,10 +13,13 @@ ATTRS = ("colour", "place", "kind", "size", "all", "colour_and_place_all")
 
 def evaluate_alignment(sampler, num_prompts: int = 200, seed: int = 1234, objects=(1, 2, 3),
                        guidance: float | None = None, num_steps: int | None = None, verbose: bool = True) -> dict:
-    """Per-attribute accuracy for ``num_prompts`` held-out prompts with each object count in ``objects``.
+    """Per-attribute accuracy for ``num_prompts`` evaluation prompts with each object count in ``objects``.
 
-    Prompts come from the world's held-out stream (stream 1, never used for training) with ``seed``;
-    images are sampled with the same seed, so the result is a deterministic function of the weights.
+    Prompts come from the world's evaluation stream (stream 1, whose scenes the trainer never draws)
+    with ``seed``; images are sampled with the same seed, so the result is a deterministic function
+    of the weights. The prompts are not held out as *captions*: the world has only 432 single-object
+    captions and training sees them all, and multi-object captions may also occur in training.
+    What is new at evaluation is the noise (and the scene draw), not the words.
     """
     results = {}
     for n in objects:

@@ -1,7 +1,7 @@
 """KL-regularised autoencoder (Stable Diffusion's KL-f8 VAE) in Flax NNX, NHWC.
 
 RAPHAEL follows LDM and diffuses in the latent space of a pre-trained image autoencoder (the
-paper gives no details; we use the SD-style KL-f8 VAE with 4 latent channels, see PAPER.md 1).
+paper (Sec. 3, following LDM) gives no details; we use the SD-style KL-f8 VAE with 4 latent channels).
 This is a port of diffusers' ``AutoencoderKL`` that loads its safetensors weights (see
 ``raphael_jax.convert.vae``):
 
@@ -119,10 +119,6 @@ class DiagonalGaussian:
 
     def mode(self) -> jax.Array:
         return self.mean
-
-    def kl(self) -> jax.Array:
-        """KL(q || N(0, I)) summed over H, W, C: [B]."""
-        return 0.5 * jnp.sum(self.mean**2 + jnp.exp(self.logvar) - 1.0 - self.logvar, axis=(1, 2, 3))
 
 
 def _conv(cin: int, cout: int, k: int, *, stride: int = 1, pad: int | str = "SAME", dtype, param_dtype, rngs):

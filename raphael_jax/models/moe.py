@@ -106,10 +106,6 @@ class ExpertBank(nnx.Module):
     def _p(self, v):
         return v[...] if self.dtype is None else v[...].astype(self.dtype)
 
-    def apply_expert(self, k, x: jax.Array) -> jax.Array:
-        """One expert ``e_k`` on ``x`` [..., D] (reference path, used by tests and analysis)."""
-        w1, b1, w2, b2 = (self._p(v)[k] for v in (self.w1, self.b1, self.w2, self.b2))
-        return jax.nn.gelu(x @ w1 + b1) @ w2 + b2
 
     def at_zero(self) -> jax.Array:
         """``e_k(0)`` for every expert [K, D]: the output on a masked-out (zeroed) position."""

@@ -48,6 +48,3 @@ def maybe_initialize() -> bool:
     return False
 
 
-def is_primary() -> bool:
-    """Host 0: the one process that writes logs, samples and the tokenizer."""
-    return jax.process_index() == 0

@@ -3,8 +3,8 @@
 ``config.parallel.mesh`` gives a size per axis; sizes may be 1, and one axis may be -1 to take the
 devices left over. The order puts the axis with the least traffic (``data``: one gradient
 all-reduce per step) outermost, where it crosses hosts, and ``tensor`` (collectives in every
-layer) innermost. Meshes use ``AxisType.Auto`` (GSPMD propagation; ``jax.make_mesh`` would default
-to explicit axes, see ENV_NOTES 5).
+layer) innermost. Meshes use ``AxisType.Auto`` (GSPMD propagation; ``jax.make_mesh`` defaults to
+explicit axes).
 """
 from __future__ import annotations
 

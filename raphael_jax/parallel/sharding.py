@@ -75,11 +75,3 @@ def per_device_bytes(abstract, shardings) -> int:
     return total
 
 
-def describe_state(abstract, shardings, max_rows: int | None = None) -> list[str]:
-    """Human-readable ``path shape -> spec`` lines for the parameters (for logs and the AOT report)."""
-    lines = []
-    flat_a = jax.tree_util.tree_flatten_with_path(abstract)[0]
-    flat_s = jax.tree.leaves(shardings)
-    for (path, a), s in zip(flat_a, flat_s):
-        lines.append(f"{_path_str(path):70s} {str(tuple(a.shape)):22s} {s.spec}")
-    return lines if max_rows is None else lines[:max_rows]

@@ -56,8 +56,6 @@ class RunCheckpoints:
         out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return from_saved(out["config"])
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -96,7 +94,7 @@ def load_run(workdir: str, step: int | None = None) -> Run:
             raise FileNotFoundError(f"{workdir} holds no checkpoint (train first: raphael-train --workdir {workdir})")
         config = ckpts.restore_config(step)
         graphdef, params = split_model(nnx.eval_shape(lambda: RaphaelModel(config, rngs=nnx.Rngs(config.seed))))
-        abstract = jax.eval_shape(lambda p: init_state(config, graphdef, p, make_optimizer(config)), params)
+        abstract = jax.eval_shape(lambda p: init_state(config, p, make_optimizer(config)), params)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
         state, _ = ckpts.restore(abstract, step)

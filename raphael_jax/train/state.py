@@ -59,7 +59,7 @@ def split_model(model: RaphaelModel):
     return graphdef, params
 
 
-def init_state(config, graphdef, params, tx, seed: int | None = None) -> dict:
+def init_state(config, params, tx, seed: int | None = None) -> dict:
     seed = config.seed if seed is None else seed
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "ema_params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params),
@@ -75,7 +75,7 @@ def abstract_train_state(config, tx, plan: ShardingPlan, seed: int | None = None
 
     def init():
         graphdef, params = split_model(build_model(config, seed))
-        return init_state(config, graphdef, params, tx)
+        return init_state(config, params, tx)
 
     graphdef, _ = split_model(nnx.eval_shape(lambda: build_model(config, seed)))
     abstract = jax.eval_shape(init)
@@ -108,7 +108,3 @@ def sharded_init(config, init, shardings, plan: ShardingPlan):
     return compiled()
 
 
-def create_sharded_state(config, tx, plan: ShardingPlan, seed: int | None = None):
-    """(graphdef, state, shardings): the initial train state, created sharded on ``plan.mesh``."""
-    graphdef, _, shardings, init = abstract_train_state(config, tx, plan, seed)
-    return graphdef, sharded_init(config, init, shardings, plan), shardings

@@ -235,7 +235,7 @@ def _random_params(abstract, seed=0):
 def _one_step(config, graphdef, params, batch, plan):
     tx = optax.sgd(1.0)
     sched = NoiseSchedule.create(config.diffusion.schedule, config.diffusion.num_timesteps)
-    state = init_state(config, graphdef, params, tx)
+    state = init_state(config, params, tx)
     shardings = tree_shardings(state, plan)
     state = jax.device_put(state, shardings)
     step = jit_train_step(make_train_step(graphdef, config, tx, sched), plan, shardings, config.train.batch_size)

@@ -1,4 +1,4 @@
-"""The real training loop on a shrunken tiny config: steps, checkpoint, exact resume, sampling, the CLIs."""
+"""The real training loop on a shrunken tiny config: steps, checkpoint, resume (within 1e-6 of an uninterrupted run), sampling, the CLIs."""
 import json
 import os
 
@@ -32,7 +32,8 @@ def runs(tmp_path_factory):
     return {"full": full, "split": split, "s_full": s_full, "s_split": s_split}
 
 
-def test_resume_is_exact(runs):
+def test_resume_matches_uninterrupted_run_within_1e6(runs):
+    """A stop-and-resume run ends within 1e-6 of an uninterrupted one (not claimed bit-identical)."""
     assert int(runs["s_full"]["step"]) == int(runs["s_split"]["step"]) == 6
     a = jax.tree.leaves(runs["s_full"]["params"])
     b = jax.tree.leaves(runs["s_split"]["params"])
@@ -57,7 +58,7 @@ def test_checkpoint_holds_state_data_position_and_config(runs):
     steps = sorted(int(d) for d in os.listdir(ck.directory) if d.isdigit())
     assert steps == [3, 6]
     data_state = json.load(open(os.path.join(ck.directory, "6", "data", "metadata")))
-    assert data_state  # the input position is saved (restored by test_resume_is_exact)
+    assert data_state  # the input position is saved (restored by the resume test)
     ck.close()
     lines = [json.loads(x) for x in open(os.path.join(runs["full"], "metrics.jsonl"))]
     assert [r["step"] for r in lines] == [2, 4, 6]

@@ -1,7 +1,7 @@
 """The paper's nine aspect buckets, resizing without cropping, and per-bucket batching.
 
 RAPHAEL trains at multiple scales: each image is resized to the nearest of nine [h, w] pixel
-buckets and never cropped (PAPER.md section 1)::
+buckets and never cropped (the paper, Sec. 4: multi-scale training on nine aspect buckets)::
 
     [448,832] [512,768] [512,704] [640,640] [576,640] [640,576] [704,512] [768,512] [832,448]
 
@@ -172,9 +172,6 @@ class BucketBatchPlan:
         g = self.epoch(e)[j]
         return g[self.shard_index * self.batch_size:(self.shard_index + 1) * self.batch_size]
 
-    def bucket_of(self, k: int) -> int:
-        """Bucket id of batch ``k``."""
-        return int(self.bucket_ids[self[k][0]])
 
     def __repr__(self) -> str:
         return (f"BucketBatchPlan(n={len(self.bucket_ids)}, counts={self.counts}, "

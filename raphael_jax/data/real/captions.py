@@ -1,4 +1,4 @@
-"""Caption cleaning and metadata filters for real image-text data (PAPER.md section 6).
+"""Caption cleaning and metadata filters for real image-text data (the paper, Sec. 4 training details).
 
 The paper keeps LAION pairs whose aesthetic score is at least 4.7, removes watermarked images and
 cleans captions of URLs, HTML tags and e-mail addresses. Here:

@@ -217,7 +217,8 @@ def example(seed: int, index: int, image_size: int = 32, min_objects: int = 1, m
     """Example `index` of the stream `seed`: dict(image uint8 [S,S,3], caption str, objects list).
 
     Deterministic in (seed, index, stream) alone; the objects do not depend on image_size.
-    stream 0 is the training stream; use another stream (e.g. 1) for held-out data.
+    stream 0 is the training stream; another stream (e.g. 1) draws other scenes (its captions can
+    still coincide with training captions: there are only 432 single-object ones).
     """
     if index < 0:
         raise ValueError(f"index must be >= 0, got {index}")
@@ -230,7 +231,7 @@ def example(seed: int, index: int, image_size: int = 32, min_objects: int = 1, m
 
 def sample_prompts(n: int, seed: int = 0, min_objects: int = 1, max_objects: int = 3,
                    object_weights: Sequence[float] | None = None, stream: int = 1) -> list[list[ShapeObject]]:
-    """`n` object lists for evaluation prompts, from held-out stream 1 by default (see make_caption)."""
+    """`n` object lists for evaluation prompts, from stream 1 by default (see make_caption and example)."""
     out = []
     for i in range(n):
         rng = np.random.default_rng([int(seed), i] if stream == 0 else [int(seed), i, int(stream)])
