@@ -10,7 +10,7 @@ every token is routed, as the paper's 40-token measurement. Variants are timed r
 (one call each per round, after warm-up) so machine load drifts hit them alike; the median over
 rounds is reported, with the compiled step's FLOPs (XLA cost analysis) as a noise-free check.
 
-``experts=0`` is the ablation's variant (``apply_variant``): the space-MoE replaced by a plain GELU
+``experts=0`` is the ablation's variant (``configs/common.py``): the space-MoE replaced by a plain GELU
 FFN of ``model.ffn_mult`` x width. Our space-MoE computes every expert once over all positions
 (the exact efficient form, ``raphael_jax.models.moe.SpaceMoE``), so its cost grows with the number
 of experts whether or not every expert is routed to; the paper's implementation (token dispatch)

@@ -5,13 +5,15 @@ Latent diffusion on KL-f8 latents (4 channels) with frozen OpenCLIP ViT-g/14 tex
 warm-up steps, batch 2000, epsilon target, T = 1000, T_c = 500, alpha = 0.2.
 Denoiser parameters (``raphael-params --config configs/raphael_3b.py``): see README.
 """
-from raphael_jax.config import apply_variant, sibling_config
+from raphael_jax.config import base_config, config_module
+
+common = config_module(__file__, "common")
 
 BASE_WIDTH = 384
 
 
 def get_config(arg=None):
-    c = sibling_config(__file__, "base")
+    c = base_config()
     m = c.model
     m.in_channels = 4
     m.patch_size = 1
@@ -51,4 +53,4 @@ def get_config(arg=None):
     t.checkpoint_every = 5000
     t.sample_every = 20_000
     c.sample.guidance = 4.5                # paper: best w with space-MoE
-    return apply_variant(c, arg)
+    return common.with_variants(c, arg)

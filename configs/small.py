@@ -5,7 +5,9 @@
 SD-like 3-level pixel U-Net (2x2 stem, 64/128/256 channels), RAPHAEL blocks at every level with
 6 space experts and 4 time experts as in the paper.
 """
-from raphael_jax.config import apply_variant, sibling_config
+from raphael_jax.config import config_module, sibling_config
+
+common = config_module(__file__, "common")
 
 
 def get_config(arg=None):
@@ -35,4 +37,4 @@ def get_config(arg=None):
     t.ema_decay = 0.999
     t.checkpoint_every = 1000
     t.sample_every = 5000
-    return apply_variant(c, arg)
+    return common.with_variants(c, arg)

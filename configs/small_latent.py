@@ -1,6 +1,6 @@
 """Small latent RAPHAEL on precomputed KL-f8 latents and frozen CLIP text states (real image-text data).
 
-    python -m raphael_jax.data.real.sources DATA/laion_folder --data-dir tfds        # build (docs/DATA_REAL.md)
+    raphael-data image-text DATA/laion_folder --data-dir tfds                     # build (docs/DATA_REAL.md)
     raphael-precompute --config configs/small_latent.py --set data.tfds_dir=... --set data.latents_dir=...
     raphael-train --config configs/small_latent.py --set data.latents_dir=... --workdir runs/small_latent
 
@@ -15,18 +15,20 @@ checks it against the precompute's ``meta.json``. Latents of the nine buckets (/
 ``data.*`` directories (set them with ``--set`` or edit here):
 - ``tfds_dir``: the image_text build (``DATA_DIR/image_text/NAME/1.0.0``), read by the precompute;
 - ``vae_dir`` / ``clip_dir`` / ``tokenizer_dir``: weights for the precompute (safetensors folders or
-  ``raphael_jax.convert.cli`` outputs; tokenizer_dir "" means clip_dir);
+  ``raphael-convert`` outputs; tokenizer_dir "" means clip_dir);
 - ``latents_dir``: the precompute output, read by the trainer.
 Sampling previews need the VAE decoder and CLIP in the trainer, which it does not load:
 ``train.sample_every = 0``.
 """
-from raphael_jax.config import apply_variant, sibling_config
+from raphael_jax.config import base_config, config_module
+
+common = config_module(__file__, "common")
 
 CLIP_WIDTH = 1024  # OpenCLIP ViT-g/14
 
 
 def get_config(arg=None):
-    c = sibling_config(__file__, "base")
+    c = base_config()
     m = c.model
     m.in_channels = 4
     m.patch_size = 1
@@ -54,13 +56,10 @@ def get_config(arg=None):
     d = c.data
     d.kind = "latents"
     d.image_size = 80                  # 640 px / 8 (the square bucket); only informational here
-    d.tfds_dir = ""                    # image_text build read by raphael-precompute
+    # tfds_dir, tokenizer_dir, latents_dir ("" until set), latent_mode "mean", text_layer "last":
+    # the base's defaults (raphael_jax.config.base_config)
     d.vae_dir = "weights/sd-vae-ft-mse"
     d.clip_dir = "weights/clip-vit-g-14"
-    d.tokenizer_dir = ""               # "" = clip_dir
-    d.latents_dir = ""                 # raphael-precompute output, read by the trainer
-    d.latent_mode = "mean"             # mean | sample (of the VAE posterior)
-    d.text_layer = "last"              # last | penultimate | penultimate_ln | int index
     t = c.train
     t.batch_size = 64
     t.num_steps = 100_000
@@ -72,4 +71,4 @@ def get_config(arg=None):
     t.checkpoint_every = 2000
     t.sample_every = 0                 # no previews: the trainer holds neither VAE decoder nor CLIP
     c.sample.guidance = 4.5
-    return apply_variant(c, arg)
+    return common.with_variants(c, arg)

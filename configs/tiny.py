@@ -4,16 +4,19 @@
 
 Pixel-space U-Net (2x2 space-to-depth stem, levels 16/8/4 with 32/64/64 channels) with RAPHAEL
 blocks at 8x8, 4x4 and the middle (7 blocks), 4 space experts, 4 time experts,
-edge heads, a 2-layer trainable text encoder. v-prediction with the cosine schedule: on a short
-budget epsilon leaves the layout to the initial noise (ENV_NOTES 11b). Single-object scenes.
+edge heads, a 2-layer trainable text encoder. v-prediction with the cosine schedule: on this short
+budget epsilon-prediction left the layout (where the object goes) to the initial noise instead of
+the prompt. Single-object scenes.
 Results (README "Results"): per-attribute accuracy on 200 held-out single-object prompts.
-Ablations: ``configs/tiny.py:no_space_moe`` etc. (``raphael_jax.config.apply_variant``).
+Ablations: ``configs/tiny.py:no_space_moe`` etc. (the variants of ``configs/common.py``).
 """
-from raphael_jax.config import apply_variant, sibling_config
+from raphael_jax.config import base_config, config_module
+
+common = config_module(__file__, "common")
 
 
 def get_config(arg=None):
-    c = sibling_config(__file__, "base")
+    c = base_config()
     m = c.model
     m.patch_size = 2
     m.channels = (32, 64, 64)
@@ -47,4 +50,4 @@ def get_config(arg=None):
     t.sample_every = 2400
     c.sample.guidance = 3.0
     c.sample.num_steps = 25
-    return apply_variant(c, arg)
+    return common.with_variants(c, arg)

@@ -7,7 +7,9 @@
 Without space-MoE (the comparison the README asks for; not run yet): the same two commands with
 ``configs/tiny.py:no_space_moe`` and ``configs/tiny_multi.py:no_space_moe``.
 """
-from raphael_jax.config import apply_variant, sibling_config
+from raphael_jax.config import config_module, sibling_config
+
+common = config_module(__file__, "common")
 
 
 def get_config(arg=None):
@@ -18,4 +20,4 @@ def get_config(arg=None):
     t.warmup_steps = 100
     t.learning_rate = 1e-3
     t.sample_every = 4000
-    return apply_variant(c, arg)
+    return common.with_variants(c, arg)

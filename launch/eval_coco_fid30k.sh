@@ -2,7 +2,7 @@
 # COCO zero-shot FID-30k (PAPER.md section 8, Table 1) of a RAPHAEL run, on every host at once.
 #
 # Usage (same command on every host; one host works too):
-#   launch/eval_coco_fid30k.sh WORKDIR [extra flags for python -m raphael_jax.evaluation.coco_fid]
+#   launch/eval_coco_fid30k.sh WORKDIR [extra flags for raphael-eval coco-fid]
 #
 # Environment (defaults in brackets):
 #   COCO_DIR      folder with annotations/captions_val2014.json and val2014/         [coco]
@@ -57,4 +57,4 @@ ARGS=(
 [[ -n "${GUIDANCE:-}" ]] && ARGS+=(--guidance "$GUIDANCE")
 [[ -n "${STEPS:-}" ]] && ARGS+=(--steps "$STEPS")
 [[ -n "${CLIP_MODEL:-}" ]] && ARGS+=(--clip-model "$CLIP_MODEL")
-exec "${PYTHON:-python}" -m raphael_jax.evaluation.coco_fid "${ARGS[@]}" "$@"
+exec "${PYTHON:-python}" -m raphael_jax.cli.eval coco-fid "${ARGS[@]}" "$@"

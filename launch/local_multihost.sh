@@ -4,7 +4,7 @@
 #   launch/local_multihost.sh [-n NPROC] [-d DEVICES_PER_PROC] [-p PORT] [--log-dir DIR] [--dry-run] -- CMD [ARGS...]
 #
 # Example (2 processes x 4 virtual CPU devices, experts sharded across the process boundary):
-#   launch/local_multihost.sh -n 2 -d 4 -- python -m raphael_jax.train.cli --config configs/tiny.py \
+#   launch/local_multihost.sh -n 2 -d 4 -- python -m raphael_jax.cli.train --config configs/tiny.py \
 #       --workdir runs/multihost --set parallel.mesh.data=1 --set parallel.mesh.expert=4 \
 #       --set parallel.mesh.tensor=2
 #

@@ -141,7 +141,7 @@ fi
 # coordinator in the TPU metadata)
 quoted=$(printf ' %q' "${train_args[@]}")
 log="logs/tpu_${name}.log"
-cmd="cd ~/raphael_jax && RAPHAEL_TPU_POD=1 ~/venv/bin/python -m raphael_jax.train.cli${quoted} 2>&1 | tee -a ~/raphael_train.log"
+cmd="cd ~/raphael_jax && RAPHAEL_TPU_POD=1 ~/venv/bin/python -m raphael_jax.cli.train${quoted} 2>&1 | tee -a ~/raphael_train.log"
 if [[ "$dry_run" -eq 1 ]]; then
   on_all_workers "$cmd"
   echo "# output streamed to $log"

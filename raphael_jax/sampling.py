@@ -29,8 +29,8 @@ def ddim_options(config) -> dict:
     """
     sc = config.sample
     return {"clip_x0": 1.0, "timestep_spacing": sc.timestep_spacing,
-            "use_clipped_model_output": bool(sc.get("use_clipped_model_output", True)),
-            "guidance_rescale": float(sc.get("guidance_rescale", 0.0))}
+            "use_clipped_model_output": bool(sc.use_clipped_model_output),
+            "guidance_rescale": float(sc.guidance_rescale)}
 
 
 def to_uint8(x) -> np.ndarray:

@@ -13,20 +13,22 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "raphael_jax"
 
 # Low to high. ``parallel`` sits below ``models`` (the MoE layers call expert parallelism) and knows
-# no model; ``sampling`` sits below ``train`` (the trainer's previews use the Sampler, and the
-# Sampler is built from a ``train.checkpoint.Run`` it never imports).
-LAYERS = ["config", "parallel", "models", "diffusion", "data", "convert", "sampling", "train", "evaluation",
-          "analysis", "tools", "cli"]
+# no model; ``config`` sits above ``data`` (``validate`` checks values against the registries of the
+# layers below: edge sources, schedules, mesh axes) and below everything that loads a config;
+# ``sampling`` sits below ``train`` (the trainer's previews use the Sampler, and the Sampler is
+# built from a ``train.checkpoint.Run`` it never imports). ``root`` is ``raphael_jax/__init__.py``.
+LAYERS = ["root", "parallel", "models", "diffusion", "data", "config", "convert", "sampling", "train",
+          "evaluation", "analysis", "tools", "cli"]
 
 # Sub-packages of one layer that must not import each other.
 SIBLINGS_APART = [("data.shapes", "data.real")]
 
 
 def layer_of(module: str) -> str:
-    """``raphael_jax.data.shapes.world`` -> ``data``; the package root counts as ``config`` (lowest)."""
+    """``raphael_jax.data.shapes.world`` -> ``data``; the package root is ``root`` (lowest)."""
     parts = module.split(".")
     if len(parts) == 1:
-        return "config"
+        return "root"
     if parts[1] not in LAYERS:
         raise AssertionError(f"{module}: not in a known layer {LAYERS}; add it to README 'Layout' and LAYERS")
     return parts[1]

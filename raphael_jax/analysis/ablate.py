@@ -3,7 +3,7 @@
     raphael-ablate --root runs/ablate --config configs/tiny.py --variants fig6b,dense,experts \\
         --steps 2200 --docs docs/ablations
 
-Every variant (``raphael_jax.config.apply_variant`` switches: ``full``, ``no_space_moe``,
+Every variant (``configs/common.py`` switches: ``full``, ``no_space_moe``,
 ``no_time_moe``, ``no_edge``, ``dense``, ``experts=N``, ``alpha=X``, ``tc=N``; ``+`` combines
 switches, e.g. ``no_edge+experts=2``) trains in its own workdir ``<root>/<variant>`` with the same
 config, seed, batch and number of steps, then is evaluated at each guidance weight (paper: 1.5, 3,
@@ -19,7 +19,6 @@ configs come out identical (``experts=4`` is ``full`` in configs/tiny.py) share 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import json
@@ -186,9 +185,9 @@ def load_sfd(net_path: str | None, objects=(1, 2, 3)):
     """SFD hook: ``fn(sampler, num, seed, guidance, num_steps) -> float``, or None without a feature net.
 
     Uses ``raphael_jax.evaluation.shapes_fd`` (optional): the Frechet distance, in the feature space
-    of a small CNN trained on the world (``--sfd-net``, from ``python -m
-    raphael_jax.evaluation.shapes_fd train``), between the run's samples for ``num`` held-out scenes
-    of ``min(objects)`` to ``max(objects)`` objects and the world's renderings of the same scenes.
+    of a small CNN trained on the world (``--sfd-net``, from ``raphael-eval sfd train``), between the
+    run's samples for ``num`` held-out scenes of ``min(objects)`` to ``max(objects)`` objects and the
+    world's renderings of the same scenes.
     """
     if not net_path:
         return None
@@ -197,8 +196,8 @@ def load_sfd(net_path: str | None, objects=(1, 2, 3)):
     except ImportError as e:
         raise ValueError(f"--sfd-net: raphael_jax.evaluation.shapes_fd is unavailable ({e})") from None
     if not os.path.isfile(net_path):
-        raise FileNotFoundError(f"--sfd-net {net_path}: no such file (train one: python -m "
-                                "raphael_jax.evaluation.shapes_fd train --out weights/shapes_fd.safetensors)")
+        raise FileNotFoundError(f"--sfd-net {net_path}: no such file (train one: raphael-eval sfd train "
+                                "--out weights/shapes_fd.safetensors)")
     net, _ = mod.load_feature_net(net_path)
     lo, hi = min(objects), max(objects)
 
@@ -446,120 +445,84 @@ def plot_ablations(rows: list[dict], docs: str, have_sfd: bool) -> list[str]:
     return written
 
 
-# ------------------------------------------------------------------------------------------ main
+# ------------------------------------------------------------------------------------------- run
 
-def run(args) -> dict:
-    variants = plan(args.config, expand_variants(args.variants), args.root, args.steps, args.seed, args.set)
-    objects = tuple(int(x) for x in args.objects.split(","))
-    guidances = tuple(float(x) for x in args.guidance.split(","))
-    steps = int(variants[0].config.train.num_steps)
-    for v in variants:
+def run(*, root: str, config: str = "configs/tiny.py", variants: str = "fig6b", steps: int | None = None,
+        seed: int | None = None, overrides=(), init_from_root: str | None = None, guidance=GUIDANCE,
+        objects=(1, 2, 3), num_prompts: int | None = None, ddim_steps: int | None = None,
+        seed_eval: int | None = None, sfd_net: str | None = None, sfd_samples: int | None = None,
+        docs: str = "docs/ablations", mode: str = "all", command: str = "raphael-ablate") -> dict:
+    """Plan, train, evaluate and report the variants (``raphael-ablate``; see the module docstring).
+
+    Args:
+      root: one workdir per variant under this folder.
+      config: base config (``file.py[:switches]``); variants: groups and variants (:func:`expand_variants`).
+      steps, seed, overrides: training steps, model seed and config overrides of every variant.
+      init_from_root: curriculum: start each variant from its trained run under this root.
+      guidance, objects: guidance weights and object counts of the evaluation.
+      num_prompts, ddim_steps, seed_eval: prompts per object count, DDIM steps, evaluation seed
+        (None: the config's eval.num_prompts, sample.num_steps, eval.seed).
+      sfd_net, sfd_samples: SFD feature net (None: no SFD) and its number of scenes (default 3 x num_prompts).
+      docs: where the table and plots go.
+      mode: ``all``, ``list`` (plan only), ``train`` (train only), ``eval`` (evaluate finished runs) or
+        ``report`` (tables and plots from cached evaluations).
+      command: the command line recorded in the report.
+
+    Returns ``{variant: {guidance: result}}`` (empty for ``list`` and ``train``).
+    """
+    if mode not in ("all", "list", "train", "eval", "report"):
+        raise ValueError(f"unknown mode {mode!r}")
+    plans = plan(config, expand_variants(variants), root, steps, seed, overrides)
+    objects = tuple(int(x) for x in objects)
+    guidances = tuple(float(x) for x in guidance)
+    total = int(plans[0].config.train.num_steps)
+    for v in plans:
         note = f" (same config as {v.same_as})" if v.same_as else ""
-        print(f"{v.name:>14}: {v.workdir}  trained to step {trained_step(v.workdir)}/{steps}{note}")
-    if args.list:
+        print(f"{v.name:>14}: {v.workdir}  trained to step {trained_step(v.workdir)}/{total}{note}")
+    if mode == "list":
         return {}
-    for v in variants:
+    for v in plans:
         check_run_config(v)
-    sfd = load_sfd(args.sfd_net, objects)
+    sfd = load_sfd(sfd_net, objects)
     evals = {}
-    for v in variants:
-        if not args.report_only and not args.eval_only:
-            status = train_variant(v, args.init_from_root, variants)
+    for v in plans:
+        if mode in ("all", "train"):
+            status = train_variant(v, init_from_root, plans)
             print(f"{v.name}: {status}", flush=True)
-        if args.train_only:
+        if mode == "train":
             continue
         have = trained_step(v.workdir)
-        if have < steps:
-            print(f"{v.name}: trained to {have}/{steps} steps, not evaluated")
+        if have < total:
+            print(f"{v.name}: trained to {have}/{total} steps, not evaluated")
             continue
-        if have > steps:
-            print(f"warning: {v.name} was trained to {have} > {steps} steps; evaluating step {have}")
-        if args.report_only:
-            evals[v.name] = _cached_evals(v, guidances, args, have)
+        if have > total:
+            print(f"warning: {v.name} was trained to {have} > {total} steps; evaluating step {have}")
+        n = num_prompts or int(v.config.eval.num_prompts)
+        if mode == "report":
+            evals[v.name] = _cached_evals(v, guidances, n, ddim_steps, seed_eval, have)
         else:
-            num_prompts = args.num_prompts or int(v.config.eval.num_prompts)
-            evals[v.name] = evaluate_variant(v, guidances, num_prompts, objects, args.ddim_steps,
-                                             args.seed_eval, sfd, args.sfd_samples)
-    if args.train_only:
+            evals[v.name] = evaluate_variant(v, guidances, n, objects, ddim_steps, seed_eval, sfd, sfd_samples)
+    if mode == "train":
         return {}
-    cfg0 = variants[0].config
-    meta = {"config": args.config, "root": os.path.abspath(args.root), "steps": steps,
+    cfg0 = plans[0].config
+    meta = {"config": config, "root": os.path.abspath(root), "steps": total,
             "seed": int(cfg0.seed), "batch_size": int(cfg0.train.batch_size),
-            "num_prompts": args.num_prompts or int(cfg0.eval.num_prompts),
-            "ddim_steps": int(args.ddim_steps or cfg0.sample.num_steps), "guidance": list(guidances),
-            "objects": list(objects), "command": "raphael-ablate " + " ".join(args.argv),
+            "num_prompts": num_prompts or int(cfg0.eval.num_prompts),
+            "ddim_steps": int(ddim_steps or cfg0.sample.num_steps), "guidance": list(guidances),
+            "objects": list(objects), "command": command,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    written = write_report(variants, evals, args.docs, meta)
+    written = write_report(plans, evals, docs, meta)
     print("wrote " + ", ".join(written))
     return evals
 
 
-def _cached_evals(v: Variant, guidances, args, step: int) -> dict:
-    num_prompts = args.num_prompts or int(v.config.eval.num_prompts)
-    num_steps = int(args.ddim_steps or v.config.sample.num_steps)
-    seed = int(v.config.eval.seed if args.seed_eval is None else args.seed_eval)
+def _cached_evals(v: Variant, guidances, num_prompts: int, ddim_steps: int | None, seed_eval: int | None,
+                  step: int) -> dict:
+    num_steps = int(ddim_steps or v.config.sample.num_steps)
+    seed = int(v.config.eval.seed if seed_eval is None else seed_eval)
     out = {}
     for g in guidances:
         p = _cache_path(v.workdir, step, g, num_prompts, num_steps, seed)
         if os.path.exists(p):
             out[g] = json.load(open(p))
     return out
-
-
-def main(argv=None) -> int:
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description="Train and evaluate the paper's Fig. 6 ablations on the shapes "
-                                "world (resumable: re-run the same command to continue).")
-    p.add_argument("--root", required=True, help="one workdir per variant under this folder")
-    p.add_argument("--config", default="configs/tiny.py", help="base config (file.py[:switches])")
-    p.add_argument("--variants", default="fig6b",
-                   help="comma-separated groups (" + ", ".join(GROUP_ORDER) + ", all) or variants "
-                   "(e.g. full, experts=6, alpha=0.3, no_edge+experts=2)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="training steps of every variant (config train.num_steps)")
-    p.add_argument("--seed", type=int, default=None, help="model seed of every variant (config seed)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for all variants")
-    p.add_argument("--init-from-root", default=None,
-                   help="curriculum: start each variant from its trained run under this root "
-                   "(e.g. tiny.py runs for configs/tiny_multi.py)")
-    p.add_argument("--guidance", default=",".join(f"{g:g}" for g in GUIDANCE), help="guidance weights")
-    p.add_argument("--objects", default="1,2,3", help="object counts of the evaluation prompts")
-    p.add_argument("--num-prompts", type=int, default=None,
-                   help="prompts per object count (config eval.num_prompts)")
-    p.add_argument("--ddim-steps", type=int, default=None, help="DDIM steps (config sample.num_steps)")
-    p.add_argument("--seed-eval", type=int, default=None,
-                   help="evaluation prompt/noise seed (config eval.seed)")
-    p.add_argument("--sfd-net", default=None,
-                   help="feature net for the shapes Frechet distance (SFD, "
-                   "raphael_jax.evaluation.shapes_fd); without it no SFD")
-    p.add_argument("--sfd-samples", type=int, default=None,
-                   help="held-out scenes for SFD (default 3 x --num-prompts)")
-    p.add_argument("--docs", default="docs/ablations", help="where the table and plots go")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--list", action="store_true", help="show the plan and what is done, run nothing")
-    mode.add_argument("--train-only", action="store_true")
-    mode.add_argument("--eval-only", action="store_true", help="evaluate finished runs, train nothing")
-    mode.add_argument("--report-only", action="store_true",
-                      help="tables and plots from cached evaluations only")
-    args = p.parse_args(argv)
-    args.argv = argv
-    try:
-        objects = [int(x) for x in args.objects.split(",")]
-        [float(x) for x in args.guidance.split(",")]
-    except ValueError:
-        p.error("--objects and --guidance take comma-separated numbers")
-    if any(not 1 <= n <= 3 for n in objects):
-        p.error("--objects: the shapes world has 1 to 3 objects per scene")
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"raphael-ablate: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -8,10 +8,11 @@ the timestep or the image position, only on the word and its caption context.
 The study, adapted to the captioned-shapes world:
 
 1. **Templates.** For a word category (``colour``, ``kind``, also ``size`` and ``place``) draw
-   ``n`` caption contexts from the world (1-3 objects, from the evaluation stream 1; scenes the trainer never draws, words it has seen)
-   and blank one object's word of that category: ``"a big {} circle at the top left and a small
-   blue square in the center"``. Every word of the category fills every template (a paired design,
-   as the paper's 100 GPT templates x 100 adjectives), so words differ only by themselves.
+   ``n`` caption contexts from the world (1-3 objects, from the evaluation stream 1; scenes the
+   trainer never draws, words it has seen) and blank one object's word of that category: ``"a big {}
+   circle at the top left and a small blue square in the center"``. Every word of the category fills
+   every template (a paired design, as the paper's 100 GPT templates x 100 adjectives), so words
+   differ only by themselves.
 2. **Record.** One forward pass of the U-Net per prompt batch with routing sown by name
    (``raphael_jax.models.routing``); the word's path is the ``space_route`` column of its token.
 3. **Classify.** Predict the word from its path with gradient-boosted trees (scikit-learn's
@@ -32,14 +33,26 @@ last piece has seen the whole word; our small encoder is bidirectional, so every
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from raphael_jax.data.shapes.world import COLOURS, KINDS, PLACES, SIZES, ShapeObject, make_caption, sample_objects
+from raphael_jax.data.shapes.world import (
+    COLOURS,
+    KINDS,
+    PLACES,
+    SIZES,
+    ShapeObject,
+    make_caption,
+    sample_objects,
+    sample_prompts,
+)
 from raphael_jax.models.moe import SpaceMoE, TimeMoE
 from raphael_jax.models.routing import _path_key, pop_intermediates
 
@@ -408,3 +421,85 @@ def plot_time_usage(time_rec: dict, path: str) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------------------------------------- study
+
+def summary_table(results: dict) -> str:
+    """Markdown table of :func:`analyze_category` results ``{category: result}``."""
+    lines = ["| words | n words | paths | distinct paths | accuracy (5-fold) | chance |",
+             "|---|---|---|---|---|---|"]
+    for cat, r in results.items():
+        c = r["classification"]
+        lines.append(f"| {cat} | {c['num_words']} | {c['num_paths']} | {c['distinct_paths']} | "
+                     f"{c['accuracy']:.3f} +- {c['accuracy_std']:.3f} | {c['chance']:.3f} |")
+    return "\n".join(lines)
+
+
+def path_study(recorder: PathRecorder, out_dir: str, *, workdir: str, categories=("colour", "kind"),
+               templates: int = 100, max_objects: int = 3, token: str = "last", folds: int = 5, seed: int = 0,
+               time_prompts: int = 8, ddim_steps: int | None = None, guidance: float | None = None,
+               ema: bool = True) -> dict:
+    """The whole study of one run (``raphael-paths``), written to the existing folder ``out_dir``.
+
+    Per category: :func:`analyze_category` and its route diagram ``routes_<category>.png``, all in
+    ``paths.json`` (skipped without space-MoE layers); time routes of ``time_prompts`` sampled prompts
+    over the DDIM steps in ``time_experts.json`` / ``time_experts.png`` (skipped without time-MoE
+    layers); ``summary.md``. ``workdir`` and ``ema`` are recorded in the outputs.
+
+    Returns ``{"categories": {category: result}, "time": time summary or None}``.
+    """
+    sampler = recorder.sampler
+    meta = {"workdir": os.path.abspath(workdir), "step": int(sampler.step), "ema": ema,
+            "space_layers": recorder.space_layers, "num_space_experts": recorder.num_space_experts,
+            "token": token, "templates": templates, "max_objects": max_objects,
+            "folds": folds, "seed": seed,
+            "classifier": "sklearn HistGradientBoostingClassifier (layers as categorical features)"}
+    results = {}
+    if recorder.space_layers:
+        for cat in categories:
+            t0 = time.time()
+            r = analyze_category(recorder, cat, templates, seed, max_objects, token, folds)
+            c = r["classification"]
+            print(f"{cat:>7}: {c['num_words']} words x {templates} contexts, {c['distinct_paths']} "
+                  f"distinct paths, accuracy {c['accuracy']:.3f} +- {c['accuracy_std']:.3f} "
+                  f"(chance {c['chance']:.3f})  [{time.time() - t0:.1f}s]", flush=True)
+            png = plot_route_diagram(r["words"], r["paths"], recorder.num_space_experts, recorder.space_layers,
+                                     os.path.join(out_dir, f"routes_{cat}.png"),
+                                     title=f"{cat} words: space expert per layer over {templates} "
+                                     f"contexts (step {sampler.step}; line: most frequent)")
+            r["plot"] = os.path.basename(png)
+            results[cat] = r
+        with open(os.path.join(out_dir, "paths.json"), "w") as f:
+            json.dump({**meta, "categories": results}, f)
+    else:
+        print("no space-MoE layers: skipping the path study")
+    time_summary = None
+    if recorder.time_layers:
+        objs = sample_prompts(time_prompts, seed=seed, min_objects=1, max_objects=max_objects)
+        prompts = [make_caption(o) for o in objs]
+        tr = recorder.time_routes_over_ddim(prompts, num_steps=ddim_steps, guidance=guidance, seed=seed)
+        plot_time_usage(tr, os.path.join(out_dir, "time_experts.png"))
+        time_summary = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in tr.items()
+                        if k != "routes"}
+        time_summary["prompts"] = prompts
+        with open(os.path.join(out_dir, "time_experts.json"), "w") as f:
+            json.dump(time_summary, f, indent=1)
+        print(f"time routes over {len(tr['timesteps'])} DDIM steps: {tr['agreement']:.3f} of samples on the "
+              "step's mode route (the time gate sees only t)")
+    else:
+        print("no time-MoE layers: skipping the time-expert plot")
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(f"# Diffusion paths of `{workdir}` (step {sampler.step})\n\n")
+        if results:
+            f.write(f"Word classification from paths ({folds}-fold CV, {templates} contexts per "
+                    f"word, token: {token}).\n\n{summary_table(results)}\n\n")
+            f.write("".join(f"![{c}]({r['plot']})\n" for c, r in results.items()))
+        if time_summary:
+            f.write("\nTime-expert share of DDIM steps per block:\n\n| block | "
+                    + " | ".join(f"expert {e}" for e in range(time_summary["num_experts"])) + " |\n|---|"
+                    + "---|" * time_summary["num_experts"] + "\n")
+            for name, u in zip(time_summary["layers"], time_summary["usage"]):
+                f.write(f"| {name} | " + " | ".join(f"{x:.2f}" for x in u) + " |\n")
+            f.write("\n![time experts](time_experts.png)\n")
+    return {"categories": results, "time": time_summary}

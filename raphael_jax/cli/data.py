@@ -1,6 +1,10 @@
 """``raphael-data``: build the tfds datasets (array_record, no TensorFlow).
 
     raphael-data image-text /data/laion_shards --data-dir /data/tfds --name laion_a47 --min-aesthetic 4.7
+    raphael-data shapes --data-dir /data/tfds --image-size 32 --num-train 1000 --num-test 100
+
+``image-text``: :func:`raphael_jax.data.real.builder.build_image_text_dataset` (docs/DATA_REAL.md);
+``shapes``: the shapes-world splits, :func:`raphael_jax.data.shapes.tfds.build_shapes_dataset` (docs/DATA.md).
 """
 from __future__ import annotations
 
@@ -8,26 +12,60 @@ import argparse
 import json
 from pathlib import Path
 
-from raphael_jax.data.real.builder import build_image_text_dataset
-from raphael_jax.data.real.sources import IMAGE_FORMATS
+
+def build_parser() -> argparse.ArgumentParser:
+    from raphael_jax.data.real.sources import IMAGE_FORMATS
+
+    p = argparse.ArgumentParser(prog="raphael-data",
+                                description="Build the tfds datasets (array_record, no TensorFlow).")
+    sub = p.add_subparsers(dest="what", required=True)
+    it = sub.add_parser(
+        "image-text", help="image_text dataset from image folders / wds shards",
+        description="Build the image_text tfds dataset (array_record) from image folders / wds shards.")
+    it.add_argument("sources", nargs="+", help="directories, .tar shards or globs of them")
+    it.add_argument("--data-dir", required=True,
+                    help="tfds data_dir; the build lands in DATA_DIR/image_text/NAME/1.0.0")
+    it.add_argument("--name", default=None, help="config name (default: derived from the sources and options)")
+    it.add_argument("--scale-divisor", type=int, default=1, help="divide the bucket sizes (1, 2, 4, ..., 64)")
+    it.add_argument("--min-aesthetic", type=float, default=4.7, help="keep aesthetic >= this (negative: off)")
+    it.add_argument("--max-watermark", type=float, default=0.5,
+                    help="keep watermark probability <= this (negative: off)")
+    it.add_argument("--edge-source", default="canny", help="edge map source name, or 'none'")
+    it.add_argument("--image-format", default="png", choices=IMAGE_FORMATS)
+    it.add_argument("--jpeg-quality", type=int, default=95)
+    sh = sub.add_parser(
+        "shapes", help="shapes_world dataset: fixed train / test splits of the captioned-shapes world",
+        description="Build the shapes_world tfds dataset (array_record): train example i is the world's "
+        "example(seed, i, stream 0), test example i is example(seed, i, stream 1). A no-op if already built.")
+    sh.add_argument("--data-dir", required=True,
+                    help="tfds data_dir; the build lands in DATA_DIR/shapes_world/CONFIG/1.0.0")
+    sh.add_argument("--image-size", type=int, default=32)
+    sh.add_argument("--num-train", type=int, default=1000)
+    sh.add_argument("--num-test", type=int, default=100)
+    sh.add_argument("--min-objects", type=int, default=1)
+    sh.add_argument("--max-objects", type=int, default=3)
+    sh.add_argument("--seed", type=int, default=0)
+    return p
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m raphael_jax.data.real.sources",
-        description="Build the image_text tfds dataset (array_record) from image folders / wds shards.")
-    p.add_argument("sources", nargs="+", help="directories, .tar shards or globs of them")
-    p.add_argument("--data-dir", required=True,
-                   help="tfds data_dir; the build lands in DATA_DIR/image_text/NAME/1.0.0")
-    p.add_argument("--name", default=None, help="config name (default: derived from the sources and options)")
-    p.add_argument("--scale-divisor", type=int, default=1, help="divide the bucket sizes (1, 2, 4, ..., 64)")
-    p.add_argument("--min-aesthetic", type=float, default=4.7, help="keep aesthetic >= this (negative: off)")
-    p.add_argument("--max-watermark", type=float, default=0.5,
-                   help="keep watermark probability <= this (negative: off)")
-    p.add_argument("--edge-source", default="canny", help="edge map source name, or 'none'")
-    p.add_argument("--image-format", default="png", choices=IMAGE_FORMATS)
-    p.add_argument("--jpeg-quality", type=int, default=95)
+    p = build_parser()
     a = p.parse_args(argv)
+    if a.what == "shapes":
+        from raphael_jax.data.shapes.tfds import build_shapes_dataset, make_config
+
+        try:
+            make_config(a.image_size, a.num_train, a.num_test, a.min_objects, a.max_objects, a.seed)
+        except ValueError as e:
+            p.error(str(e))
+        b = build_shapes_dataset(a.data_dir, image_size=a.image_size, num_train=a.num_train, num_test=a.num_test,
+                                 min_objects=a.min_objects, max_objects=a.max_objects, seed=a.seed)
+        splits = {name: int(split.num_examples) for name, split in b.info.splits.items()}
+        print(f"built {b.data_dir}: {splits}")
+        return 0
+
+    from raphael_jax.data.real.builder import build_image_text_dataset
+
     b = build_image_text_dataset(
         a.data_dir, a.sources, name=a.name, scale_divisor=a.scale_divisor,
         min_aesthetic=None if a.min_aesthetic < 0 else a.min_aesthetic,

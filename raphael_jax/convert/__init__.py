@@ -2,11 +2,12 @@
 
 - :func:`load_clip_text` (transformers CLIP text tower) and :func:`load_autoencoder` (diffusers
   AutoencoderKL) map a ``save_pretrained`` directory onto our NNX modules.
-- ``python -m raphael_jax.convert.cli clip|vae SRC_DIR OUT_DIR`` converts once to an orbax
-  checkpoint; :func:`load_converted` restores it. See docs/CONVERT.md.
+- ``raphael-convert clip|vae SRC_DIR OUT_DIR`` (:func:`convert`, in :mod:`raphael_jax.convert.orbax`)
+  converts once to an orbax checkpoint; :func:`load_converted` restores it. See docs/CONVERT.md.
 """
 
 from raphael_jax.convert.clip import load_clip_text
+from raphael_jax.convert.orbax import convert, load_converted, save_converted
 from raphael_jax.convert.safetensors_io import ConversionError
 from raphael_jax.convert.vae import load_autoencoder
 
@@ -18,12 +19,3 @@ __all__ = [
     "load_converted",
     "save_converted",
 ]
-
-
-def __getattr__(name):
-    # The cli module is imported lazily so that `python -m raphael_jax.convert.cli` runs it only once.
-    if name in ("convert", "load_converted", "save_converted"):
-        from raphael_jax.convert import cli
-
-        return getattr(cli, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,7 @@ from raphael_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 
 __all__ = ["build_clip_text", "clip_torch_name", "load_clip_text"]
 
-_HINT = "python -m raphael_jax.convert.cli clip"
+_HINT = "raphael-convert clip"
 _FULL_CLIP_EXTRA = ("visual_projection.weight", "logit_scale")
 
 

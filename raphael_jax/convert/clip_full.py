@@ -80,8 +80,8 @@ def build_clip_vision(
 
 
 def _source(src_dir, variant):
-    # a pickle-only directory: raphael_jax.convert.cli clip writes OUT_DIR/source/, which then loads here
-    return sio.open_weights_dir(src_dir, "model", variant, hint="python -m raphael_jax.convert.cli clip")
+    # a pickle-only directory: raphael-convert clip writes OUT_DIR/source/, which then loads here
+    return sio.open_weights_dir(src_dir, "model", variant, hint="raphael-convert clip")
 
 
 def load_clip_vision(

@@ -96,7 +96,7 @@ def find_safetensors(
         names = ", ".join(p.name for p in pickles)
         raise ConversionError(
             f"{src} holds only pickle-based weights ({names}), which raphael_jax never unpickles on load; "
-            f"convert once with `{hint or 'python -m raphael_jax.convert.cli clip|vae'} {src} OUT_DIR "
+            f"convert once with `{hint or 'raphael-convert clip|vae'} {src} OUT_DIR "
             f"--from-pickle` (torch.load(weights_only=True), also writes a safetensors copy) or re-save "
             f"with save_pretrained(dir, safe_serialization=True)"
         )

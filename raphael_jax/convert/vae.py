@@ -22,7 +22,7 @@ from raphael_jax.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
 
 __all__ = ["build_autoencoder", "load_autoencoder"]
 
-_HINT = "python -m raphael_jax.convert.cli vae"
+_HINT = "raphael-convert vae"
 _LEGACY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
 _NEW = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _ATTN_W = re.compile(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$")

@@ -12,12 +12,17 @@ tokenizer (:mod:`raphael_jax.data.real.clip_tokenizer`), truncated to the text t
 The paper reports CLIP score only inside the Fig. 6b trade-off curves and does not name the CLIP
 model (PAPER.md section 8); torchmetrics and most papers use ViT-L/14
 (``openai/clip-vit-large-patch14``), which :class:`ClipScorer` loads with ``from_pretrained``.
+
+:func:`score_folder` scores a folder of PNGs against the prompts in their ``prompt`` text chunk, as
+``raphael-sample`` and ``raphael-eval coco-fid --out`` write them (``raphael-eval clip-score``).
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +33,7 @@ from PIL import Image
 from raphael_jax.convert.clip_full import ClipImageProcessing, load_clip_model, load_image_processor_config
 from raphael_jax.models.clip_vision import CLIPModel
 
-__all__ = ["ClipScorer", "clip_preprocess", "clip_score_from_embeddings"]
+__all__ = ["ClipScorer", "clip_preprocess", "clip_score_from_embeddings", "prompted_images", "score_folder"]
 
 
 def _resize_shorter(image: np.ndarray, size: int) -> np.ndarray:
@@ -140,3 +145,55 @@ class ClipScorer:
     def __call__(self, images, captions: Sequence[str]) -> float:
         """Mean CLIP score of the pairs."""
         return float(self.scores(images, captions).mean())
+
+
+def prompted_images(
+    folder: str | Path, pattern: str = "*.png", exclude: Sequence[str] = ("grid*.png",)
+) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """``([(file, prompt), ...], [files without a prompt])`` of the files in ``folder`` matching
+    ``pattern`` and none of ``exclude`` (sorted by name); the prompt is the PNG ``prompt`` text chunk."""
+    found, missing = [], []
+    for path in sorted(Path(folder).glob(pattern)):
+        if not path.is_file() or any(fnmatch.fnmatch(path.name, x) for x in exclude):
+            continue
+        with Image.open(path) as im:
+            prompt = getattr(im, "text", {}).get("prompt")
+        if prompt is None:
+            missing.append(path)
+        else:
+            found.append((path, prompt))
+    return found, missing
+
+
+def score_folder(
+    scorer: ClipScorer,
+    folder: str | Path,
+    *,
+    pattern: str = "*.png",
+    exclude: Sequence[str] = ("grid*.png",),
+    chunk: int = 256,
+) -> dict[str, Any]:
+    """CLIP scores of the images in ``folder`` against the prompts stored in them (:func:`prompted_images`).
+
+    Images are read ``chunk`` at a time. Returns ``{"clip_score": mean, "num_images", "scores": {file
+    name: score}, "skipped": [names of files without a prompt]}``; raises ``ValueError`` when no
+    image has a prompt.
+    """
+    found, missing = prompted_images(folder, pattern, exclude)
+    if not found:
+        raise ValueError(f"{folder}: no {pattern} file with a 'prompt' PNG text chunk")
+    scores = []
+    for start in range(0, len(found), chunk):
+        part = found[start : start + chunk]
+        images = []
+        for path, _ in part:
+            with Image.open(path) as im:
+                images.append(np.asarray(im.convert("RGB")))
+        scores.append(scorer.scores(images, [prompt for _, prompt in part]))
+    s = np.concatenate(scores)
+    return {
+        "clip_score": float(s.mean()),
+        "num_images": len(found),
+        "scores": {path.name: float(v) for (path, _), v in zip(found, s)},
+        "skipped": [path.name for path in missing],
+    }

@@ -15,10 +15,10 @@ is any callable ``uint8 [B, H, W, 3] -> [B, D]``; :class:`FeatureExtractor` wrap
 (the FID :class:`~raphael_jax.evaluation.inception.InceptionV3`, or the shapes-world net) in one
 compiled function, batch-padded and sharded over the local devices.
 
-Commands::
+Commands (``raphael_jax.cli.eval``)::
 
-    python -m raphael_jax.evaluation.fid stats SRC OUT.npz --weights fid_inception.safetensors
-    python -m raphael_jax.evaluation.fid fid A B --weights fid_inception.safetensors
+    raphael-eval fid stats SRC OUT.npz --weights fid_inception.safetensors
+    raphael-eval fid distance A B --weights fid_inception.safetensors
 
 SRC / A / B: a folder of images, ``tfds:NAME[:SPLIT]`` (A/B: also a ``.npz``). ``--size 256
 --center-crop`` resizes reference images the way generated 256x256 ones are compared.
@@ -26,7 +26,6 @@ SRC / A / B: a folder of images, ``tfds:NAME[:SPLIT]`` (A/B: also a ``.npz``). `
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import warnings
@@ -52,6 +51,7 @@ __all__ = [
     "load_image",
     "load_stats",
     "save_stats",
+    "statistics_of",
     "tfds_statistics",
 ]
 
@@ -335,10 +335,18 @@ def tfds_statistics(
     return mu, sigma, len(feats)
 
 
-# ------------------------------------------------------------------------------------------ command
-
-
-def _statistics_of(src: str, extract, args) -> tuple[np.ndarray, np.ndarray, int]:
+def statistics_of(
+    src: str,
+    extract,
+    *,
+    data_dir: str | None = None,
+    size: int | None = None,
+    center_crop: bool = False,
+    batch_size: int = 50,
+    max_images: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(mu, sigma, num)`` of ``src``: a ``.npz`` statistics file (num -1), ``tfds:NAME[:SPLIT]`` (split
+    default ``validation``) or a folder of images. Every host must call it (features are gathered)."""
     if src.endswith(".npz"):
         mu, sigma = load_stats(src)
         return mu, sigma, -1
@@ -348,57 +356,17 @@ def _statistics_of(src: str, extract, args) -> tuple[np.ndarray, np.ndarray, int
             parts[0],
             extract,
             split=parts[1] if len(parts) > 1 else "validation",
-            data_dir=args.data_dir,
-            size=args.size,
-            center_crop=args.center_crop,
-            batch_size=args.batch_size,
-            max_images=args.max_images,
+            data_dir=data_dir,
+            size=size,
+            center_crop=center_crop,
+            batch_size=batch_size,
+            max_images=max_images,
         )
     return folder_statistics(
         src,
         extract,
-        size=args.size,
-        center_crop=args.center_crop,
-        batch_size=args.batch_size,
-        max_images=args.max_images,
+        size=size,
+        center_crop=center_crop,
+        batch_size=batch_size,
+        max_images=max_images,
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    from raphael_jax.evaluation.inception import InceptionConfig, load_inception
-    from raphael_jax.parallel.distributed import maybe_initialize
-
-    p = argparse.ArgumentParser(prog="python -m raphael_jax.evaluation.fid", description=__doc__.split("\n")[0])
-    p.add_argument("cmd", choices=["stats", "fid"], help="stats SRC OUT.npz | fid A B")
-    p.add_argument("a", help="folder of images, tfds:NAME[:SPLIT], or (fid) an .npz")
-    p.add_argument("b", help="stats: output .npz; fid: second source")
-    p.add_argument(
-        "--weights",
-        required=True,
-        help="FID Inception safetensors (python -m raphael_jax.evaluation.inception convert ...)",
-    )
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--size", type=int, default=None, help="resize images to SIZExSIZE first (PIL bicubic)")
-    p.add_argument("--center-crop", action="store_true", help="square center crop before --size")
-    p.add_argument("--max-images", type=int, default=None)
-    p.add_argument("--data-dir", default=None, help="tfds data_dir")
-    p.add_argument("--channel-divisor", type=int, default=1, help=argparse.SUPPRESS)  # tests only
-    args = p.parse_args(argv)
-    maybe_initialize()
-    net = load_inception(args.weights, InceptionConfig(channel_divisor=args.channel_divisor))
-    extract = FeatureExtractor(net, args.batch_size)
-    mu1, s1, n1 = _statistics_of(args.a, extract, args)
-    if args.cmd == "stats":
-        if jax.process_index() == 0:
-            save_stats(args.b, mu1, s1, n1, source=args.a, size=args.size, center_crop=args.center_crop)
-            print(f"\nwrote {args.b} ({n1} images)")
-        return 0
-    mu2, s2, _ = _statistics_of(args.b, extract, args)
-    fid = frechet_distance(mu1, s1, mu2, s2)
-    if jax.process_index() == 0:
-        print(f"\nFID: {fid:.4f}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -22,8 +22,7 @@ Attribute names are those of the PyTorch state dict (``Mixed_6b.branch7x7dbl_3.c
 
 Weights: convert pytorch-fid's file once to safetensors (never unpickled on load)::
 
-    python -m raphael_jax.evaluation.inception convert pt_inception-2015-12-05-6726825d.pth \
-        weights/fid_inception.safetensors
+    raphael-convert inception pt_inception-2015-12-05-6726825d.pth weights/fid_inception.safetensors
 
 then :func:`load_inception` reads it. ``InceptionConfig.channel_divisor`` > 1 shrinks every
 layer's width (tests only: a cheap network of the same layout; its features are NOT FID features).
@@ -31,12 +30,10 @@ layer's width (tests only: a cheap network of the same layout; its features are 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hashlib
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -373,7 +370,7 @@ def load_inception(path: str | Path, cfg: InceptionConfig = InceptionConfig()) -
     if path.suffix in sio.PICKLE_SUFFIXES:
         raise sio.ConversionError(
             f"{path} is a pickle file, which raphael_jax never unpickles on load; convert it once with "
-            f"`python -m raphael_jax.evaluation.inception convert {path} OUT.safetensors`"
+            f"`raphael-convert inception {path} OUT.safetensors`"
         )
     shapes = sio.safetensors_shapes([path])
     return build_inception(shapes, lambda names: sio.read_tensors([path], names), cfg, str(path))
@@ -411,27 +408,3 @@ def convert_pytorch_fid_weights(src: str | Path, out: str | Path, cfg: Inception
     build_inception(shapes, lambda names: tensors, cfg, str(src))  # validates
     sio.write_safetensors(tensors, out)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m raphael_jax.evaluation.inception",
-        description="Convert pytorch-fid's Inception weights (.pth) to safetensors for raphael_jax FID.",
-    )
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("convert", help=f"{FID_WEIGHTS_FILE} -> safetensors (download: {FID_WEIGHTS_URL})")
-    c.add_argument("src", help="pytorch-fid state dict, e.g. " + FID_WEIGHTS_FILE)
-    c.add_argument("out", help="new .safetensors file (never overwritten)")
-    c.add_argument("--channel-divisor", type=int, default=1, help=argparse.SUPPRESS)  # tests only
-    args = p.parse_args(argv)
-    try:
-        out = convert_pytorch_fid_weights(args.src, args.out, InceptionConfig(channel_divisor=args.channel_divisor))
-    except sio.ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}; load with raphael_jax.evaluation.inception.load_inception({str(out)!r})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

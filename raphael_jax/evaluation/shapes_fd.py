@@ -10,18 +10,17 @@ FID numbers; report it as "SFD" with the feature net file it used.
     features(x) = SiLU(W_f flatten(conv stack(x)))                      [B, feature_dim]
     SFD(gen, real) = ||mu_g - mu_r||^2 + Tr(C_g + C_r - 2 (C_g C_r)^(1/2))
 
-Commands::
+Commands (``raphael_jax.cli.eval``)::
 
-    python -m raphael_jax.evaluation.shapes_fd train --out weights/shapes_fd.safetensors   # 800 steps, ~80 s of CPU
-    python -m raphael_jax.evaluation.shapes_fd score --net weights/shapes_fd.safetensors --workdir RUN
+    raphael-eval sfd train --out weights/shapes_fd.safetensors   # 800 steps, ~80 s of CPU
+    raphael-eval sfd score --net weights/shapes_fd.safetensors --workdir RUN
 
-``score`` samples held-out prompts (stream 1) with the run's EMA weights and compares them with the
-world's own renderings of the same held-out scenes.
+``score`` (:func:`score_run`) samples held-out prompts (stream 1) with the run's EMA weights and
+compares them with the world's own renderings of the same held-out scenes.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -47,6 +46,7 @@ __all__ = [
     "load_feature_net",
     "real_images",
     "save_feature_net",
+    "score_run",
     "shapes_frechet_distance",
     "train_feature_net",
 ]
@@ -261,63 +261,45 @@ def shapes_frechet_distance(extract, images_a: np.ndarray, images_b: np.ndarray)
     return frechet_distance(*feature_statistics(extract(images_a)), *feature_statistics(extract(images_b)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m raphael_jax.evaluation.shapes_fd",
-        description="Shapes Frechet distance (SFD): train the feature net, or score a run.",
-    )
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train the feature net on single-object scenes")
-    t.add_argument("--out", required=True, help="new .safetensors file")
-    t.add_argument("--steps", type=int, default=800)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--image-size", type=int, default=32)
-    s = sub.add_parser("score", help="SFD of a run's samples against renderings of the same held-out scenes")
-    s.add_argument("--net", required=True, help="feature net from `train`")
-    s.add_argument("--workdir", required=True)
-    s.add_argument("--num", type=int, default=1000, help="held-out scenes")
-    s.add_argument("--objects", default="1,3", help="min,max objects per scene")
-    s.add_argument("--seed", type=int, default=1234)
-    s.add_argument("--guidance", type=float, default=None)
-    s.add_argument("--steps", type=int, default=None)
-    args = p.parse_args(argv)
-    if args.cmd == "train":
-        model, metrics = train_feature_net(
-            args.steps, args.batch_size, args.lr, args.seed, ShapesNetConfig(image_size=args.image_size)
-        )
-        save_feature_net(model, args.out, metrics)
-        print(f"wrote {args.out}; held-out accuracy {metrics['heldout_accuracy']}")
-        return 0
+def score_run(
+    net_path: str | Path,
+    workdir: str | Path,
+    *,
+    num: int = 1000,
+    objects: tuple[int, int] = (1, 3),
+    seed: int = 1234,
+    guidance: float | None = None,
+    num_steps: int | None = None,
+) -> tuple[float, Path]:
+    """SFD of a run's samples (latest checkpoint, EMA weights) for ``num`` held-out scenes of
+    ``objects = (min, max)`` objects against the world's renderings of the same scenes.
+
+    Writes ``WORKDIR/eval/sfd_step{N}.json`` and returns ``(sfd, that path)``; ``guidance`` /
+    ``num_steps`` None: the run's config.
+    """
     from raphael_jax.sampling import Sampler
     from raphael_jax.train.checkpoint import load_run
 
-    lo, hi = (int(v) for v in args.objects.split(","))
-    net, _ = load_feature_net(args.net)
-    sampler = Sampler.from_run(load_run(args.workdir))
-    real, captions, _ = real_images(args.num, args.seed, sampler.config.data.image_size, lo, hi)
-    gen = sampler.sample(captions, seed=args.seed, guidance=args.guidance, num_steps=args.steps)
+    lo, hi = objects
+    net, _ = load_feature_net(net_path)
+    sampler = Sampler.from_run(load_run(workdir))
+    real, captions, _ = real_images(num, seed, sampler.config.data.image_size, lo, hi)
+    gen = sampler.sample(captions, seed=seed, guidance=guidance, num_steps=num_steps)
     sfd = shapes_frechet_distance(net, gen, real)
-    out = Path(args.workdir) / "eval" / f"sfd_step{sampler.step}.json"
+    out = Path(workdir) / "eval" / f"sfd_step{sampler.step}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
             {
                 "sfd": sfd,
-                "num": args.num,
+                "num": num,
                 "objects": [lo, hi],
-                "net": args.net,
-                "guidance": args.guidance,
-                "steps": args.steps,
+                "net": str(net_path),
+                "guidance": guidance,
+                "steps": num_steps,
                 "step": sampler.step,
             },
             indent=1,
         )
     )
-    print(f"SFD ({args.num} held-out scenes, {lo}-{hi} objects): {sfd:.4f}  -> {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return sfd, out

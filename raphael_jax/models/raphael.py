@@ -20,7 +20,7 @@ class RaphaelModel(nnx.Module):
         if tc.kind not in ("small", "external"):
             raise ValueError(f"text.kind must be 'small' or 'external', got {tc.kind!r}")
         self.text = nnx.data(TextEncoder(tc.vocab_size, tc.width, tc.num_layers, tc.num_heads, tc.max_len,
-                                          embed_init_std=tc.get("embed_init_std", 1.0), rngs=rngs)
+                                          embed_init_std=tc.embed_init_std, rngs=rngs)
                               if tc.kind == "small" else None)
         self.unet = RaphaelUNet(config.model, rngs=rngs)
 

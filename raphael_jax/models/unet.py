@@ -94,7 +94,7 @@ class RaphaelUNet(nnx.Module):
         # blocks (and so the time-MoE gates) keep the pure timestep embedding.
         self.text_temb = nnx.data(dense(cfg.context_dim, temb_dim, ("context", "embed"), rngs=rngs, dtype=dtype,
                                         kernel_init=nnx.initializers.zeros_init())
-                                  if cfg.get("text_temb", False) else None)
+                                  if cfg.text_temb else None)
         g = cfg.norm_groups
 
         def block(c, level):

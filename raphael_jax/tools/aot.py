@@ -18,11 +18,8 @@ temporary bytes are an estimate (the TPU and GPU compilers fuse and schedule dif
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import re
-import sys
 import time
 
 # HBM per chip in GiB: TPU spec sheets (GiB); NVIDIA as nvidia-smi reports it (80GB H100 = 81559 MiB)
@@ -34,7 +31,8 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
                 "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 
 
-def _parse_kv(items: str) -> dict[str, int]:
+def parse_kv(items: str) -> dict[str, int]:
+    """``"fsdp=-1,expert=2"`` -> ``{"fsdp": -1, "expert": 2}`` (mesh axis sizes)."""
     out = {}
     for part in [p for p in (items or "").split(",") if p.strip()]:
         k, _, v = part.partition("=")
@@ -239,25 +237,19 @@ def run(config, devices: int, mesh_spec: dict, global_batch: int, hlo_out: str |
     return rep
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="AOT-compile the train step of a config for N virtual devices.")
-    p.add_argument("--config", required=True, help="config file[:variant]")
-    p.add_argument("--devices", type=int, required=True, help="number of (virtual CPU) devices")
-    p.add_argument("--mesh", default="data=-1", help="axis sizes, e.g. fsdp=-1,expert=2 (default data=-1)")
-    p.add_argument("--batch", type=int, default=None, help="global batch (default train.batch_size)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    p.add_argument("--hlo-out", default=None, help="write the compiled HLO text here")
-    p.add_argument("--json", default=None, help="write the report as JSON here")
-    p.add_argument("--encoders", action="store_true",
-                   help="also report the frozen CLIP text tower and VAE sharded by the same rules")
-    p.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="XLA option for this compile, e.g. xla_backend_optimization_level=0 (LLVM only: "
-                        "faster on CPU, same partitioning, memory and cost analysis)")
-    args = p.parse_args(argv)
+def parse_compiler_options(items) -> dict:
+    """``["KEY=VALUE", ...]`` -> XLA compile options; ``true`` / ``false`` and integers are converted."""
+    opts = {}
+    for item in items:
+        k, _, v = item.partition("=")
+        opts[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.lstrip("-").isdigit() else v)
+    return opts
 
+
+def use_virtual_cpu_devices(devices: int) -> None:
+    """``devices`` virtual CPU devices for jax (``jax_platforms=cpu``, ``jax_num_cpu_devices``), unless a
+    jax backend is already running (then the devices jax has are used)."""
     import jax
-
-    from raphael_jax.config import load_config
 
     try:
         from jax._src import xla_bridge
@@ -266,22 +258,4 @@ def main(argv=None) -> int:
         started = False
     if not started:
         jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", args.devices)
-    overrides = list(args.set)
-    if args.batch is not None:
-        overrides.append(f"train.batch_size={args.batch}")
-    config = load_config(args.config, overrides)
-    opts = {}
-    for item in args.compiler_option:
-        k, _, v = item.partition("=")
-        opts[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.lstrip("-").isdigit() else v)
-    rep = run(config, args.devices, _parse_kv(args.mesh), config.train.batch_size, hlo_out=args.hlo_out,
-              encoders=args.encoders, compiler_options=opts)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rep, f, indent=1, default=str)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        jax.config.update("jax_num_cpu_devices", devices)

@@ -8,7 +8,6 @@ and time routers), edge heads, and the trainable text encoder when the config ha
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 
@@ -68,26 +67,14 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Parameter count per component (no allocation).")
-    p.add_argument("--config", action="append", default=[], help="config file[:variant]; repeatable")
-    p.add_argument("--all", action="store_true", help="every configs/*.py next to the package")
-    args = p.parse_args(argv)
-    from raphael_jax.config import load_config
-
-    specs = list(args.config)
-    if args.all:
-        here = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
-        specs += sorted(f for f in glob.glob(os.path.join(here, "*.py")) if not f.endswith("base.py"))
-    if not specs:
-        p.error("give --config FILE or --all")
-    rows = {}
-    for spec in specs:
-        name = os.path.relpath(spec.split(":")[0]) + (":" + spec.split(":", 1)[1] if ":" in spec else "")
-        rows[name] = count_params(load_config(spec))
-    print(format_table(rows))
-    return 0
+def config_files() -> list[str]:
+    """Every ``configs/*.py`` next to the package (``base.py`` and the variants in ``common.py`` excluded),
+    sorted."""
+    here = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+    skip = ("base.py", "common.py")
+    return sorted(f for f in glob.glob(os.path.join(here, "*.py")) if os.path.basename(f) not in skip)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def config_name(spec: str) -> str:
+    """The table's row name of a ``file.py[:variant]`` spec: the file relative to the working directory."""
+    return os.path.relpath(spec.split(":")[0]) + (":" + spec.split(":", 1)[1] if ":" in spec else "")

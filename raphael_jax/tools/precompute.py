@@ -44,18 +44,19 @@ def _is_conversion(path) -> bool:
 
 
 def load_vae(path):
-    """(AutoencoderKL, config) from a diffusers safetensors folder or a ``convert.cli vae`` output."""
+    """(AutoencoderKL, config) from a diffusers safetensors folder or a ``raphael-convert vae`` output."""
     if _is_conversion(path):
-        from raphael_jax.convert import load_converted
+        from raphael_jax.convert.orbax import load_converted
         return load_converted(path)
     from raphael_jax.convert import load_autoencoder
     return load_autoencoder(path)
 
 
 def load_clip(path):
-    """(CLIPTextTransformer, config) from a transformers safetensors folder or a convert.cli output."""
+    """(CLIPTextTransformer, config) from a transformers safetensors folder or a ``raphael-convert clip``
+    output."""
     if _is_conversion(path):
-        from raphael_jax.convert import load_converted
+        from raphael_jax.convert.orbax import load_converted
         return load_converted(path)
     from raphael_jax.convert import load_clip_text
     return load_clip_text(path)
@@ -149,7 +150,7 @@ def precompute(dataset, vae_dir, clip_dir, out_dir, tokenizer_dir=None, latent: 
     Args:
       dataset: the image_text build directory (or a parent holding only one build).
       vae_dir, clip_dir: safetensors folders (diffusers AutoencoderKL / transformers CLIP text) or
-        ``raphael_jax.convert.cli`` outputs. ``tokenizer_dir``: vocab.json + merges.txt (default clip_dir).
+        ``raphael-convert`` outputs. ``tokenizer_dir``: vocab.json + merges.txt (default clip_dir).
       latent: "mean" or "sample"; text_layer: see the module docstring.
       batch_size: examples per encoder call (one bucket per call; partial batches are padded).
       host_index, host_count: this host's share (default: jax.process_index(), jax.process_count()).

@@ -61,7 +61,7 @@ def make_data_iterator(config, tokenizer: Tokenizer | None):
         raise ValueError(f"train.batch_size={config.train.batch_size} does not split over {n_proc} processes")
     if config.data.kind == "latents":  # precomputed VAE latents + text states (raphael_jax.data.latents)
         from raphael_jax.data.latents import make_latents_iterator
-        latents_dir = config.data.get("latents_dir")
+        latents_dir = config.data.latents_dir
         if not latents_dir:
             raise ValueError("data.kind='latents' needs data.latents_dir (the output of raphael-precompute)")
         return make_latents_iterator(

@@ -26,7 +26,7 @@ def lr_schedule(config) -> optax.Schedule:
     """Linear warm-up to ``train.learning_rate``, then constant or cosine decay to ``lr_final_fraction``
     of it at ``train.num_steps`` (a short run ends sharper with the decay)."""
     t = config.train
-    kind = t.get("lr_schedule", "constant")
+    kind = t.lr_schedule
     if kind not in LR_SCHEDULES:
         raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {kind!r}")
     warm = max(t.warmup_steps, 1)
@@ -34,7 +34,7 @@ def lr_schedule(config) -> optax.Schedule:
         after = optax.constant_schedule(t.learning_rate)
     else:
         after = optax.cosine_decay_schedule(t.learning_rate, max(t.num_steps - warm, 1),
-                                            alpha=t.get("lr_final_fraction", 0.0))
+                                            alpha=t.lr_final_fraction)
     return optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, warm), after], [warm])
 
 

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from raphael_jax.analysis import ablate
+from raphael_jax.cli.ablate import main as ablate_main
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.py")
 SMALL = ["model.channels=(8, 16)", "model.block_levels=(0, 1)", "model.self_attention_levels=(0, 0)",
@@ -56,7 +57,7 @@ def test_driver_end_to_end_resumes_and_skips(tmp_path, monkeypatch, capsys):
             "2", "--guidance", "1.5,4.5", "--objects", "1,2", "--num-prompts", "2", "--ddim-steps", "2",
             "--sfd-net", str(net), "--sfd-samples", "2", "--docs", str(docs)]
     argv += [a for s in SMALL for a in ("--set", s)]
-    assert ablate.main(argv) == 0
+    assert ablate_main(argv) == 0
     out = capsys.readouterr().out
     assert "full: trained" in out and "no_edge: trained" in out and "experts=4: shared" in out
     for name in ("full", "no_edge"):
@@ -84,7 +85,7 @@ def test_driver_end_to_end_resumes_and_skips(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("raphael_jax.train.loop.train_and_evaluate", fail)
     monkeypatch.setattr("raphael_jax.evaluation.alignment.evaluate_alignment", fail)
     os.remove(docs / "ablations.md")
-    assert ablate.main(argv) == 0
+    assert ablate_main(argv) == 0
     out = capsys.readouterr().out
     assert "full: done" in out and "no_edge: done" in out
 
@@ -93,11 +94,11 @@ def test_driver_end_to_end_resumes_and_skips(tmp_path, monkeypatch, capsys):
 
     assert body((docs / "ablations.md").read_text()) == body(table)
     assert {p: os.path.getmtime(p) for p in (root / "full" / "eval").iterdir()} == mtimes
-    assert ablate.main(argv + ["--report-only"]) == 0
+    assert ablate_main(argv + ["--report-only"]) == 0
     assert body((docs / "ablations.md").read_text()) == body(table)
 
     # a root holding runs of another config is refused, naming the key, before anything is reported
     capsys.readouterr()
-    assert ablate.main(argv + ["--set", "train.batch_size=3", "--report-only"]) == 2
+    assert ablate_main(argv + ["--set", "train.batch_size=3", "--report-only"]) == 2
     err = capsys.readouterr().err
     assert "holds a run of another config" in err and "train.batch_size=2 (want 3)" in err

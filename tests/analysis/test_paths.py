@@ -120,7 +120,7 @@ def test_classifier_on_synthetic_paths():
 def test_cli_writes_json_and_plots(run, recorder, tmp_path, monkeypatch):
     # the run is already loaded (the recorder fixture): skip a second restore
     import raphael_jax.train.checkpoint as checkpoint
-    from raphael_jax.analysis.cli import main
+    from raphael_jax.cli.paths import main
     from raphael_jax.sampling import Sampler
 
     monkeypatch.setattr(checkpoint, "load_run", lambda *a, **k: None)

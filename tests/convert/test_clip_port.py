@@ -12,8 +12,8 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from raphael_jax.cli.convert import main as convert_main  # noqa: E402
 from raphael_jax.convert import load_clip_text, load_converted  # noqa: E402
-from raphael_jax.convert.cli import main as convert_main  # noqa: E402
 from raphael_jax.data.real.clip_tokenizer import load_clip_tokenizer  # noqa: E402
 from raphael_jax.models.clip_text import CLIPTextConfig  # noqa: E402
 

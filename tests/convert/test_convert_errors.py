@@ -10,8 +10,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
+from raphael_jax.cli.convert import main  # noqa: E402
 from raphael_jax.convert import ConversionError, load_clip_text, load_converted  # noqa: E402
-from raphael_jax.convert.cli import main  # noqa: E402
 
 WEIGHTS = "model.safetensors"
 DROP = "text_model.encoder.layers.1.mlp.fc2.bias"

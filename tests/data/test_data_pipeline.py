@@ -6,9 +6,9 @@ import warnings
 import numpy as np
 import pytest
 
+from raphael_jax.data.edges import canny
 from raphael_jax.data.shapes import pipeline as P
 from raphael_jax.data.shapes import world as S
-from raphael_jax.data.edges import canny
 from raphael_jax.data.shapes.tokenizer import Tokenizer, eot_index
 
 MAX_LEN = S.max_caption_words(3) + 1

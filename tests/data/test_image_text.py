@@ -205,7 +205,7 @@ def _tree_digest(paths):
 
 @pytest.fixture(scope="module")
 def built(sources, tmp_path_factory):
-    from raphael_jax.data.real.sources import build_image_text_dataset
+    from raphael_jax.data.real.builder import build_image_text_dataset
 
     before = _tree_digest(sources)
     data_dir = tmp_path_factory.mktemp("tfds")
@@ -217,7 +217,8 @@ def built(sources, tmp_path_factory):
 
 
 def test_build_filters_cleans_and_buckets(built):
-    from raphael_jax.data.real.sources import decode_edges, decode_image, load_image_text
+    from raphael_jax.data.real.pipeline import load_image_text
+    from raphael_jax.data.real.sources import decode_edges, decode_image
 
     builder, messages = built
     assert any("skipped 2 unreadable" in m for m in messages), messages
@@ -268,7 +269,7 @@ def tok_dir(tmp_path_factory):
 
 def test_image_text_batches_per_bucket_and_resume(built, tok_dir):
     from raphael_jax.data.real.clip_tokenizer import load_clip_tokenizer
-    from raphael_jax.data.real.sources import make_image_text_iterator
+    from raphael_jax.data.real.pipeline import make_image_text_iterator
 
     builder, _ = built
     tok = load_clip_tokenizer(tok_dir)
@@ -332,7 +333,7 @@ def weights(tok_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def latents(built, weights, tmp_path_factory):
-    from raphael_jax.data.latents import Encoders, precompute
+    from raphael_jax.tools.precompute import Encoders, precompute
 
     builder, _ = built
     vae_dir, clip_dir = weights
@@ -348,8 +349,9 @@ def latents(built, weights, tmp_path_factory):
 
 
 def test_precompute_records_and_reader(latents, built):
-    from raphael_jax.data.latents import LatentsSource, precompute
-    from raphael_jax.data.real.sources import load_image_text
+    from raphael_jax.data.latents import LatentsSource
+    from raphael_jax.data.real.pipeline import load_image_text
+    from raphael_jax.tools.precompute import precompute
 
     one, two, enc = latents
     builder, _ = built
@@ -392,15 +394,18 @@ def test_precompute_records_and_reader(latents, built):
 
 
 def test_command_lines(sources, weights, tmp_path, capsys):
-    """python -m raphael_jax.data.real.sources and raphael-precompute --config (dirs from data.*)."""
-    from raphael_jax.data import image_text, precompute
+    """raphael-data image-text and raphael-precompute --config (dirs from data.*)."""
+    from raphael_jax.cli import data as data_cli
+    from raphael_jax.cli import precompute
+    from raphael_jax.data.latents import LatentsSource
+    from raphael_jax.data.real.pipeline import load_image_text
 
     tar = sources[2]
-    assert image_text.main([tar, "--data-dir", str(tmp_path / "tfds"), "--name", "cli",
-                            "--scale-divisor", "16", "--image-format", "jpeg", "--edge-source", "none"]) == 0
+    assert data_cli.main(["image-text", tar, "--data-dir", str(tmp_path / "tfds"), "--name", "cli",
+                          "--scale-divisor", "16", "--image-format", "jpeg", "--edge-source", "none"]) == 0
     assert "'kept': 2" in capsys.readouterr().out
     build = tmp_path / "tfds" / "image_text" / "cli" / "1.0.0"
-    src = image_text.load_image_text(tmp_path / "tfds")  # the only build below: found
+    src = load_image_text(tmp_path / "tfds")  # the only build below: found
     assert len(src) == 2 and "edges" not in src[0] and src[0]["image"].shape == (28, 52, 3)
     vae_dir, clip_dir = weights
     out = tmp_path / "lat"
@@ -409,7 +414,7 @@ def test_command_lines(sources, weights, tmp_path, capsys):
                             "--set", f"data.clip_dir={clip_dir}", "--set", f"data.latents_dir={out}",
                             "--text-layer", "penultimate", "--latent", "sample", "--store-dtype", "float16",
                             "--host-index", "0", "--host-count", "1", "--batch-size", "2"]) == 0
-    lat = precompute.LatentsSource(out)
+    lat = LatentsSource(out)
     assert len(lat) == 2 and lat.meta["text_layer"] == "penultimate" and lat.meta["latent"] == "sample"
     assert lat[0]["edges"].max() == 0.0  # built without edges
     import msgpack  # records are msgpack + .npy, readable without raphael_jax

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from raphael_jax.data.shapes import analyzer as A
 from raphael_jax.data import edges as E
+from raphael_jax.data.shapes import analyzer as A
 from raphael_jax.data.shapes import world as S
 from raphael_jax.data.shapes.world import ShapeObject
 

@@ -185,3 +185,37 @@ def test_clip_score_against_hand_computation(clip_dir):
     )
     with pytest.raises(ValueError, match="captions"):
         scorer.scores(images, CAPTIONS[:2])
+
+
+def test_clip_score_command_on_a_folder_of_pngs(clip_dir, tmp_path, capsys):
+    """raphael-eval clip-score: the prompts come from the PNG text chunks; grids and prompt-less files are skipped."""
+    from PIL import Image
+
+    from raphael_jax.cli.eval import main
+    from raphael_jax.sampling import save_png
+
+    _, d = clip_dir
+    rs = np.random.RandomState(5)
+    images = [rs.randint(0, 256, (32, 32, 3)).astype(np.uint8) for _ in CAPTIONS]
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for i, (im, cap) in enumerate(zip(images, CAPTIONS)):
+        save_png(im, str(folder / f"sample_{i:04d}.png"), cap, {"seed": 0})
+    save_png(np.concatenate(images, 1), str(folder / "grid.png"), " | ".join(CAPTIONS))
+    Image.fromarray(images[0]).save(folder / "no_prompt.png")
+    out = tmp_path / "clip.json"
+    assert main(["clip-score", str(folder), "--clip-model", str(d), "--batch-size", "2", "--json", str(out)]) == 0
+    want = ClipScorer.from_pretrained(d, batch_size=2).scores(images, CAPTIONS)
+    printed = capsys.readouterr().out
+    assert f"CLIP score: {want.mean():.3f} (3 images, 1 without a prompt skipped)" in printed
+    res = json.loads(out.read_text())
+    assert res["num_images"] == 3 and res["skipped"] == ["no_prompt.png"]
+    np.testing.assert_allclose([res["scores"][f"sample_{i:04d}.png"] for i in range(3)], want, atol=1e-4)
+    assert res["clip_score"] == pytest.approx(float(want.mean()), abs=1e-4)
+    # with the grid included it is scored too (against the joined prompts)
+    assert main(["clip-score", str(folder), "--clip-model", str(d), "--exclude", "no_prompt*"]) == 0
+    assert "(4 images)" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["clip-score", str(empty), "--clip-model", str(d)]) == 2
+    assert "no *.png file with a 'prompt' PNG text chunk" in capsys.readouterr().err

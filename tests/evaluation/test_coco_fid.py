@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from raphael_jax.evaluation import coco_fid, fid
+from raphael_jax.cli.eval import main as eval_main
+from raphael_jax.evaluation import caption_samplers, coco_captions, fid
 from raphael_jax.evaluation.inception import (
     InceptionConfig,
     inception_torch_name,
@@ -23,7 +24,6 @@ from raphael_jax.evaluation.shapes_fd import (
     save_feature_net,
     shapes_frechet_distance,
 )
-from raphael_jax.evaluation.shapes_fd import main as sfd_main
 
 DIV = 64  # tiny Inception: 48-d features, so 56 images give full-rank covariances
 N_IMAGES = 64
@@ -46,7 +46,8 @@ class FakeSampler:
         return np.stack(out)
 
 
-def make_fake_sampler(args):  # --sampler py:test_coco_fid:make_fake_sampler
+def make_fake_sampler(args):  # --sampler py:test_coco_fid:make_fake_sampler (args: the parsed command line)
+    assert args.batch_size == 16
     return FakeSampler()
 
 
@@ -86,16 +87,16 @@ def fake_coco(tmp_path_factory):
 
 
 def test_draw_captions_and_host_slices(fake_coco):
-    entries = coco_fid.load_coco_captions(fake_coco / "annotations" / "captions_val2014.json")
+    entries = coco_captions.load_coco_captions(fake_coco / "annotations" / "captions_val2014.json")
     assert len(entries) == 2 * N_IMAGES and entries == sorted(entries, key=lambda e: (e["image_id"], e["ann_id"]))
-    a = coco_fid.draw_captions(entries, 20, seed=0)
-    assert a == coco_fid.draw_captions(list(entries), 20, seed=0)  # fixed seed: same draw
+    a = coco_captions.draw_captions(entries, 20, seed=0)
+    assert a == coco_captions.draw_captions(list(entries), 20, seed=0)  # fixed seed: same draw
     assert len({e["image_id"] for e in a}) == 20  # one caption per image
-    assert a != coco_fid.draw_captions(entries, 20, seed=1)
-    assert len(coco_fid.draw_captions(entries, 100, seed=0, one_per_image=False)) == 100
+    assert a != coco_captions.draw_captions(entries, 20, seed=1)
+    assert len(coco_captions.draw_captions(entries, 100, seed=0, one_per_image=False)) == 100
     with pytest.raises(ValueError, match="images"):
-        coco_fid.draw_captions(entries, N_IMAGES + 1)
-    slices = [coco_fid.host_slice(30, i, 4) for i in range(4)]
+        coco_captions.draw_captions(entries, N_IMAGES + 1)
+    slices = [coco_captions.host_slice(30, i, 4) for i in range(4)]
     np.testing.assert_array_equal(np.concatenate(slices), np.arange(30))  # each caption exactly once, in order
 
 
@@ -103,6 +104,7 @@ def test_coco_fid_end_to_end(fake_coco, tmp_path, capsys):
     out = tmp_path / "eval"
     ref_stats = tmp_path / "ref_stats.npz"
     argv = [
+        "coco-fid",
         "--annotations",
         str(fake_coco / "annotations" / "captions_val2014.json"),
         "--coco-images",
@@ -127,7 +129,7 @@ def test_coco_fid_end_to_end(fake_coco, tmp_path, capsys):
         str(out),
     ]
     CALLS["n"] = 0
-    assert coco_fid.main(argv) == 0
+    assert eval_main(argv) == 0
     assert CALLS["n"] == 56
     res = json.loads((out / "fid.json").read_text())
     assert res["num_images"] == 56 and np.isfinite(res["fid"]) and res["fid"] > 0
@@ -153,23 +155,23 @@ def test_coco_fid_end_to_end(fake_coco, tmp_path, capsys):
 
     # the FID command on the saved images against the saved reference statistics gives the same number
     weights = ["--weights", str(fake_coco / "inception_tiny.safetensors"), "--channel-divisor", str(DIV)]
-    assert fid.main(["fid", str(out / "images"), str(ref_stats), *weights, "--batch-size", "16"]) == 0
+    assert eval_main(["fid", "distance", str(out / "images"), str(ref_stats), *weights, "--batch-size", "16"]) == 0
     assert f"FID: {res['fid']:.4f}" in capsys.readouterr().out
-    assert fid.main(["stats", str(out / "images"), str(tmp_path / "gen.npz"), *weights]) == 0
+    assert eval_main(["fid", "stats", str(out / "images"), str(tmp_path / "gen.npz"), *weights]) == 0
     mu, sigma = fid.load_stats(tmp_path / "gen.npz")
     assert fid.frechet_distance(mu, sigma, *fid.load_stats(ref_stats)) == pytest.approx(res["fid"], rel=1e-5)
 
     # re-run: reference statistics come from the file, images from disk (resume), same FID
     CALLS["n"] = 0
     os.remove(out / "images" / "00007.png")
-    assert coco_fid.main(argv) == 0
+    assert eval_main(argv) == 0
     assert CALLS["n"] == 1  # only the missing image was generated again
     again = json.loads((out / "fid.json").read_text())
     assert again["fid"] == pytest.approx(res["fid"], rel=1e-6)
 
 
 def test_noise_sampler_is_far():
-    s = coco_fid.NoiseSampler(size=16, seed=0)
+    s = caption_samplers.NoiseSampler(size=16, seed=0)
     a = s.sample_batch(["x", "y"], np.array([3, 4]))
     np.testing.assert_array_equal(a[1], s.sample_batch(["z"], np.array([4]))[0])  # keyed by index only
     assert a.shape == (2, 16, 16, 3) and a.dtype == np.uint8
@@ -179,7 +181,15 @@ def test_noise_sampler_is_far():
 def test_raphael_sampler_is_independent_of_batching():
     """Per-index noise and device sharding: the same caption index gives the same image whatever the
     batch it is generated in (the tiny config shrunk as in tests/train/test_train.py, random weights)."""
-    from test_train import small_config
+    import importlib.util
+
+    # tests/train/test_train.py's shrunken tiny config (loaded by path: the test folders are not packages)
+    spec = importlib.util.spec_from_file_location(
+        "_test_train", os.path.join(os.path.dirname(__file__), "..", "train", "test_train.py")
+    )
+    test_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(test_train)
+    small_config = test_train.small_config
 
     from raphael_jax.convert.safetensors_io import abstract_module
     from raphael_jax.data.shapes.tokenizer import Tokenizer
@@ -192,7 +202,7 @@ def test_raphael_sampler_is_independent_of_batching():
     graphdef, abstract = split_model(abstract_module(lambda: build_model(config, 0)))
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda a: jax.numpy.asarray(rng.normal(0, 0.05, a.shape), a.dtype), abstract)
-    sampler = coco_fid.RaphaelSampler(
+    sampler = caption_samplers.RaphaelSampler(
         Sampler(config, graphdef, params, Tokenizer.train_on_world()), seed=5, num_steps=2
     )
     prompts = [
@@ -211,7 +221,7 @@ def test_raphael_sampler_is_independent_of_batching():
 
 def test_shapes_frechet_distance(tmp_path, capsys):
     out = tmp_path / "sfd.safetensors"
-    assert sfd_main(["train", "--out", str(out), "--steps", "6", "--batch-size", "32"]) == 0
+    assert eval_main(["sfd", "train", "--out", str(out), "--steps", "6", "--batch-size", "32"]) == 0
     assert "held-out accuracy" in capsys.readouterr().out
     net, metrics = load_feature_net(out)
     assert metrics["steps"] == 6 and set(metrics["heldout_accuracy"]) == {"colour", "kind", "size", "place"}

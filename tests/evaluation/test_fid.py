@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 
 from references import torch_fid_inception as ref  # noqa: E402  (tests/ is on sys.path: tests/conftest.py)
 
+from raphael_jax.cli.convert import main as convert_main  # noqa: E402
 from raphael_jax.convert.safetensors_io import ConversionError  # noqa: E402
 from raphael_jax.evaluation import fid  # noqa: E402
 from raphael_jax.evaluation.inception import (  # noqa: E402
@@ -23,7 +24,6 @@ from raphael_jax.evaluation.inception import (  # noqa: E402
     load_inception,
     resize_bilinear,
 )
-from raphael_jax.evaluation.inception import main as inception_main  # noqa: E402
 
 
 def _state_dict_arrays(model):
@@ -96,7 +96,7 @@ def test_converter_command_and_errors(tmp_path, capsys):
         {**pt.state_dict(), "fc.weight": torch.zeros(10, 4)}, pth
     )  # extra fc.* tensors are kept, ignored
     out = tmp_path / "fid.safetensors"
-    assert inception_main(["convert", str(pth), str(out), "--channel-divisor", str(div)]) == 0
+    assert convert_main(["inception", str(pth), str(out), "--channel-divisor", str(div)]) == 0
     net = load_inception(out, InceptionConfig(channel_divisor=div))
     images = np.random.RandomState(2).randint(0, 256, (2, 40, 40, 3), dtype=np.uint8)
     np.testing.assert_allclose(
@@ -105,7 +105,7 @@ def test_converter_command_and_errors(tmp_path, capsys):
         atol=1e-4,
     )
     # never overwrites; refuses pickles on load; checks names/shapes; checks the hash in the name
-    assert inception_main(["convert", str(pth), str(out), "--channel-divisor", str(div)]) == 2
+    assert convert_main(["inception", str(pth), str(out), "--channel-divisor", str(div)]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
     with pytest.raises(ConversionError, match="never unpickles"):
         load_inception(pth)
@@ -113,7 +113,7 @@ def test_converter_command_and_errors(tmp_path, capsys):
         load_inception(out)  # a full-size network does not fit the tiny weights
     bad = tmp_path / "pt_inception-2015-12-05-deadbeef.pth"
     bad.write_bytes(pth.read_bytes())
-    assert inception_main(["convert", str(bad), str(tmp_path / "x.safetensors")]) == 2
+    assert convert_main(["inception", str(bad), str(tmp_path / "x.safetensors")]) == 2
     assert "sha256" in capsys.readouterr().err
 
 

@@ -39,7 +39,7 @@ def test_tpu_pod_dry_run_prints_every_step():
     out = r.stdout
     assert "gcloud compute tpus tpu-vm create rj --zone us-east5-a --accelerator-type v5p-128" in out
     assert "tpu-vm scp" in out and "--worker=all" in out and "pip install" in out and "gcsfuse" in out
-    want = ("raphael_jax.train.cli --config configs/raphael_3b.py --workdir /gcs/w "
+    want = ("raphael_jax.cli.train --config configs/raphael_3b.py --workdir /gcs/w "
             "--set parallel.mesh.expert=2")
     assert want in out.replace("\\", "")
     clone = sh("launch/tpu_pod.sh", "--dry-run", "--name", "rj", "--zone", "z", "--type", "v4-32",
@@ -55,7 +55,7 @@ def test_gpu_slurm_dry_run_prints_srun():
            "--workdir", "/shared/w")
     assert r.returncode == 0, r.stderr
     assert "srun --kill-on-bad-exit=1" in r.stdout
-    assert "-m raphael_jax.train.cli --config configs/raphael_3b.py --workdir /shared/w" in r.stdout
+    assert "-m raphael_jax.cli.train --config configs/raphael_3b.py --workdir /shared/w" in r.stdout
     text = open(os.path.join(ROOT, "launch", "gpu_slurm.sbatch")).read()
     assert "#SBATCH --ntasks-per-node=8" in text and "#SBATCH --gpus-per-node=8" in text
 

@@ -13,7 +13,7 @@ from raphael_jax.models.unet import RaphaelUNet
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 SMALL = ["model.channels=(16, 32)", "model.block_levels=(0, 1)", "model.self_attention_levels=(0, 0)",
-         "model.head_dim=16", "model.context_dim=8", "model.edge.enabled=False", "data.image_size=8"]
+         "model.head_dim=16", "model.context_dim=8", "text.width=8", "model.edge.enabled=False", "data.image_size=8"]
 
 
 def _unet(text_temb, blocks=True):

@@ -79,8 +79,9 @@ def test_record_masks_exposes_regions_by_name():
 
 
 def test_dense_baseline_matches_active_width():
-    from raphael_jax.config import dense_ffn_mult
+    from raphael_jax.config import config_module
 
+    dense_ffn_mult = config_module(os.path.join(CONFIGS, "tiny.py"), "common").dense_ffn_mult
     cfg = tiny("dense")
     m = cfg.model
     assert m.dense_ffn_mult == m.time_moe.hidden_mult + m.space_moe.num_experts * m.space_moe.hidden_mult

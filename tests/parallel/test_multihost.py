@@ -26,7 +26,7 @@ SETS = ["model.channels=(16, 32)", "model.block_levels=(0, 1)", "model.self_atte
 
 
 def train(workdir, mesh, steps, timeout=900):
-    args = [sys.executable, "-m", "raphael_jax.train.cli", "--workdir", str(workdir), "--steps", str(steps),
+    args = [sys.executable, "-m", "raphael_jax.cli.train", "--workdir", str(workdir), "--steps", str(steps),
             "--config", os.path.join(ROOT, "configs", "tiny.py")]
     for s in SETS + [f"parallel.mesh.{a}={mesh.get(a, 1)}" for a in ("data", "fsdp", "expert", "tensor")]:
         args += ["--set", s]

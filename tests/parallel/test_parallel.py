@@ -21,8 +21,8 @@ from raphael_jax.models.routing import pop_intermediates
 from raphael_jax.parallel import expert_parallel, rules
 from raphael_jax.parallel.mesh import make_mesh, mesh_from_config, resolve_mesh_shape
 from raphael_jax.parallel.rules import ShardingPlan, logical_to_spec
-from raphael_jax.train import step as step_mod
 from raphael_jax.parallel.sharding import global_batch, tree_shardings
+from raphael_jax.train import step as step_mod
 from raphael_jax.train.state import abstract_train_state, init_state, make_optimizer
 from raphael_jax.train.step import compute_losses, jit_train_step, make_train_step
 
@@ -321,7 +321,7 @@ def test_frozen_clip_and_vae_shard_and_match_one_device():
 # --- the AOT compile command on the tiny config ---------------------------------------------------
 
 def test_aot_command_on_tiny_config(tmp_path, capsys):
-    from raphael_jax.tools import aot
+    from raphael_jax.cli.aot import main as aot_main
 
     out = tmp_path / "aot.json"
     args = ["--config", os.path.join(CONFIGS, "tiny.py"), "--devices", "8", "--mesh", "data=2,expert=4",
@@ -329,7 +329,7 @@ def test_aot_command_on_tiny_config(tmp_path, capsys):
             "--compiler-option", "xla_llvm_disable_expensive_passes=true"]
     for s in SMALL:
         args += ["--set", s]
-    assert aot.main(args) == 0
+    assert aot_main(args) == 0
     text = capsys.readouterr().out
     assert "per-device memory" in text and "all-to-all" in text and "FLOPs per step" in text
     rep = json.load(open(out))

@@ -2,7 +2,8 @@
 
 pytorch-fid cannot be imported here: ``pytorch_fid/inception.py`` does ``import torchvision`` and
 subclasses ``torchvision.models.inception.InceptionA/C/E``, and no torchvision wheel imports beside
-torch 2.13.0 (PyPI's torchvision fails with "operator torchvision::nms does not exist"). So this file copies, statement for statement:
+torch 2.13.0 (PyPI's torchvision fails with
+"operator torchvision::nms does not exist"). So this file copies, statement for statement:
 
 - torchvision ``models/inception.py``: ``BasicConv2d`` (conv bias=False, BatchNorm2d eps=0.001,
   ReLU), the ``__init__`` of ``InceptionA``..``InceptionE`` (layer names, kernels, paddings,

@@ -1,4 +1,5 @@
-"""The real training loop on a shrunken tiny config: steps, checkpoint, resume (within 1e-6 of an uninterrupted run), sampling, the CLIs."""
+"""The real training loop on a shrunken tiny config: steps, checkpoint, resume (within 1e-6 of an uninterrupted
+run), sampling, the commands."""
 import json
 import os
 
@@ -68,7 +69,7 @@ def test_checkpoint_holds_state_data_position_and_config(runs):
 
 
 def test_sample_cli_writes_pngs_with_prompt(runs, tmp_path):
-    from raphael_jax.sample_cli import main
+    from raphael_jax.cli.sample import main
 
     out = tmp_path / "out"
     prompt = "a big red circle at the top left"
@@ -94,7 +95,7 @@ def test_sampling_is_deterministic_given_seed(runs):
 
 
 def test_eval_cli_saves_per_object_count(runs, capsys):
-    from raphael_jax.evaluation.cli import main
+    from raphael_jax.cli.eval import main
 
     assert main(["alignment", "--workdir", runs["full"], "--objects", "1,2", "--num-prompts", "3"]) == 0
     out = capsys.readouterr().out
@@ -106,7 +107,7 @@ def test_eval_cli_saves_per_object_count(runs, capsys):
 
 
 def test_eval_cli_sampler_overrides(runs, capsys):
-    from raphael_jax.evaluation.cli import main
+    from raphael_jax.cli.eval import main
 
     args = ["alignment", "--workdir", runs["full"], "--objects", "1", "--num-prompts", "2"]
     assert main(args + ["--set", "sample.use_clipped_model_output=False",
@@ -144,7 +145,7 @@ def test_notebook_runs_against_trained_run(runs, monkeypatch):
 
 
 def test_denoise_probe_cli(runs, capsys):
-    from raphael_jax.evaluation.cli import main
+    from raphael_jax.cli.eval import main
 
     assert main(["probe", "--workdir", runs["full"], "--timesteps", "900,0", "--num", "4"]) == 0
     out = capsys.readouterr().out

@@ -1,9 +1,9 @@
 """Convert public PyTorch weights once into an orbax checkpoint that pods restore directly.
 
-Usage::
+Command (``raphael_jax.cli.convert``)::
 
-    python -m raphael_jax.convert.cli clip SRC_DIR OUT_DIR [--variant fp16] [--param-dtype bfloat16]
-    python -m raphael_jax.convert.cli vae  SRC_DIR OUT_DIR [--from-pickle]
+    raphael-convert clip SRC_DIR OUT_DIR [--variant fp16] [--param-dtype bfloat16]
+    raphael-convert vae  SRC_DIR OUT_DIR [--from-pickle]
 
 SRC_DIR is a transformers / diffusers ``save_pretrained`` directory. OUT_DIR must be absent or
 empty (nothing is ever overwritten) and receives::
@@ -19,10 +19,8 @@ Restore with :func:`load_converted`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +35,13 @@ from raphael_jax.convert.vae import build_autoencoder, load_autoencoder
 from raphael_jax.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from raphael_jax.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 
-__all__ = ["convert", "load_converted", "main", "save_converted"]
+__all__ = ["FORMAT", "KINDS", "META", "convert", "load_converted", "save_converted"]
 
 FORMAT = "raphael_jax.convert/1"
 META = "raphael_convert.json"
 
 # kind -> (module class, config class, safetensors loader, tensor builder, weight file stem)
-_KINDS: dict[str, tuple[Any, ...]] = {
+KINDS: dict[str, tuple[Any, ...]] = {
     "clip": (CLIPTextTransformer, CLIPTextConfig, load_clip_text, build_clip_text, "model"),
     "vae": (
         AutoencoderKL,
@@ -56,7 +54,7 @@ _KINDS: dict[str, tuple[Any, ...]] = {
 
 
 def _kind_of(module: nnx.Module) -> str:
-    for kind, (cls, *_rest) in _KINDS.items():
+    for kind, (cls, *_rest) in KINDS.items():
         if isinstance(module, cls):
             return kind
     raise TypeError(f"no converter kind for {type(module).__name__}")
@@ -108,11 +106,11 @@ def load_converted(out_dir: str | Path, *, dtype: Any = None) -> tuple[nnx.Modul
     if not meta_path.is_file():
         raise sio.ConversionError(f"{out}: no {META}; not a (complete) raphael_jax conversion")
     meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT or meta.get("kind") not in _KINDS:
+    if meta.get("format") != FORMAT or meta.get("kind") not in KINDS:
         raise sio.ConversionError(
             f"{meta_path}: unknown format {meta.get('format')!r} / kind {meta.get('kind')!r}"
         )
-    cls, cfg_cls, *_ = _KINDS[meta["kind"]]
+    cls, cfg_cls, *_ = KINDS[meta["kind"]]
     cfg = cfg_cls(**meta["config"])
     param_dtype = jnp.dtype(meta["param_dtype"])
     abstract = sio.abstract_module(lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
@@ -133,9 +131,9 @@ def convert(
     param_dtype: Any = jnp.float32,
 ) -> Path:
     """Imports SRC_DIR (kind ``clip`` or ``vae``), validates it fully, then writes OUT_DIR."""
-    if kind not in _KINDS:
-        raise sio.ConversionError(f"unknown kind {kind!r}; expected one of {sorted(_KINDS)}")
-    _cls, _cfg_cls, load, build, stem = _KINDS[kind]
+    if kind not in KINDS:
+        raise sio.ConversionError(f"unknown kind {kind!r}; expected one of {sorted(KINDS)}")
+    _cls, _cfg_cls, load, build, stem = KINDS[kind]
     src, out = Path(src_dir), Path(out_dir)
     _check_out_dir(out)
     tensors = None
@@ -151,41 +149,3 @@ def convert(
         sio.write_safetensors(tensors, out / "source" / f"{stem}.safetensors")
         shutil.copyfile(src / "config.json", out / "source" / "config.json")
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m raphael_jax.convert.cli",
-        description="Convert a transformers CLIP text model or a diffusers AutoencoderKL directory "
-        "(safetensors) into an orbax checkpoint that raphael_jax.convert.load_converted restores.",
-    )
-    parser.add_argument("kind", choices=sorted(_KINDS), help="clip: CLIP text tower; vae: AutoencoderKL")
-    parser.add_argument("src_dir", help="save_pretrained directory (config.json + *.safetensors)")
-    parser.add_argument("out_dir", help="new or empty output directory (never overwritten)")
-    parser.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
-    parser.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument(
-        "--from-pickle",
-        action="store_true",
-        help="read pytorch_model.bin / diffusion_pytorch_model.bin with torch.load(weights_only=True) "
-        "(needs torch) and also write a safetensors copy to OUT_DIR/source",
-    )
-    args = parser.parse_args(argv)
-    try:
-        out = convert(
-            args.kind,
-            args.src_dir,
-            args.out_dir,
-            from_pickle=args.from_pickle,
-            variant=args.variant,
-            param_dtype=jnp.dtype(args.param_dtype),
-        )
-    except sio.ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} ({args.kind}); restore with raphael_jax.convert.load_converted({str(out)!r})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

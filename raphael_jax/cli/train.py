@@ -1,11 +1,16 @@
-"""``raphael-train --config configs/tiny.py[:variant] --workdir DIR [--set key=value ...]``."""
+"""``raphael-train --config configs/tiny.py[:variant] --workdir DIR [--set key=value ...]``.
+
+Trains (resuming from the workdir's latest checkpoint) with :func:`raphael_jax.train.loop.train_and_evaluate`;
+``jax.distributed`` is initialized from the environment first (pods, SLURM, launch/local_multihost.sh).
+"""
 from __future__ import annotations
 
 import argparse
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Train RAPHAEL (resumes from the workdir's latest checkpoint).")
+    p = argparse.ArgumentParser(prog="raphael-train",
+                                description="Train RAPHAEL (resumes from the workdir's latest checkpoint).")
     p.add_argument("--config", default="configs/tiny.py", help="config file, optionally :variant (ablations)")
     p.add_argument("--workdir", required=True, help="run directory (checkpoints, tokenizer, TensorBoard)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -1,4 +1,8 @@
-"""``raphael-sample --workdir DIR --prompt "..." --num 8 --out DIR``: PNGs with the prompt in their metadata."""
+"""``raphael-sample --workdir DIR --prompt "..." --num 8 --out DIR``: PNGs with the prompt in their metadata.
+
+Samples with the run's EMA weights (DDIM + CFG, :class:`raphael_jax.sampling.Sampler`); writes
+``sample_{i:04d}.png`` per image and ``grid.png`` (one row per prompt), never overwriting a file.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +10,8 @@ import os
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Sample images from a trained RAPHAEL run (EMA weights, DDIM + CFG).")
+    p = argparse.ArgumentParser(prog="raphael-sample",
+                                description="Sample images from a trained RAPHAEL run (EMA weights, DDIM + CFG).")
     p.add_argument("--workdir", required=True)
     p.add_argument("--prompt", action="append", required=True, help="a caption; repeat for several")
     p.add_argument("--num", type=int, default=8, help="images per prompt")
