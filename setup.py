@@ -6,11 +6,12 @@ setup(
     version="0.1.0",
     description="JAX/Flax reimplementation of RAPHAEL (large mixture of diffusion paths)",
     packages=find_packages(include=["raphael_jax", "raphael_jax.*"]),
-    python_requires=">=3.11,<3.12",
-    # Ranges tested together on CPython 3.11 (see ../shared/design/ENV_NOTES.md section 10).
+    python_requires=">=3.11,<3.14",
+    # Ranges tested together: CPython 3.11 resolves jax/jaxlib 0.10.2 + flax 0.12.8 (the newest for 3.11),
+    # 3.12 and 3.13 resolve jax/jaxlib 0.12.0.1 + flax 0.12.12 (README "Tests"; .ci/smoke_py312).
     install_requires=[
-        "jax>=0.9.2,<0.11",
-        "jaxlib>=0.9.2,<0.11",
+        "jax>=0.9.2,<0.13",
+        "jaxlib>=0.9.2,<0.13",
         "flax>=0.12.6,<0.13",
         "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.12.8,<0.13",

@@ -30,7 +30,7 @@ def pop_intermediates(model: nnx.Module) -> dict[str, list]:
     flat = []
     for path, var in nnx.to_flat_state(state):
         name = path[-1]
-        value = var.value if hasattr(var, "value") else var
+        value = var.get_value() if isinstance(var, nnx.Variable) else var  # Variable.value is deprecated (flax 0.12.8+)
         if isinstance(value, tuple):  # sow's default reduce keeps a tuple per call
             value = value[-1]
         flat.append((path[:-1], name, value))

@@ -90,7 +90,7 @@ def make_train_step(graphdef, config, tx: optax.GradientTransformation, sched: N
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema_params"], params)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = learning_rate(config, state["step"])
         new_state = {"step": state["step"] + 1, "params": params, "ema_params": ema,
                      "opt_state": opt_state, "rng": state["rng"]}
