@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# COCO zero-shot FID-30k (PAPER.md section 8, Table 1) of a RAPHAEL run, on every host at once.
+# COCO zero-shot FID-30k (the paper, Table 1) of a RAPHAEL run, on every host at once.
 #
 # Usage (same command on every host; one host works too):
 #   launch/eval_coco_fid30k.sh WORKDIR [extra flags for raphael-eval coco-fid]

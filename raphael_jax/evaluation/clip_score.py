@@ -10,7 +10,7 @@ PIL bicubic (longer side ``int(resize * long / short)``), center crop ``crop`` (
 tokenizer (:mod:`raphael_jax.data.real.clip_tokenizer`), truncated to the text tower's 77 positions.
 
 The paper reports CLIP score only inside the Fig. 6b trade-off curves and does not name the CLIP
-model (PAPER.md section 8); torchmetrics and most papers use ViT-L/14
+model (the paper, Sec. 4 and Fig. 6b); torchmetrics and most papers use ViT-L/14
 (``openai/clip-vit-large-patch14``), which :class:`ClipScorer` loads with ``from_pretrained``.
 
 :func:`score_folder` scores a folder of PNGs against the prompts in their ``prompt`` text chunk, as

@@ -1,4 +1,4 @@
-"""COCO zero-shot FID-30k (PAPER.md section 8, Table 1): 30k val2014 captions -> images -> FID.
+"""COCO zero-shot FID-30k (the paper, Table 1): 30k val2014 captions -> images -> FID.
 
 Protocol (the paper gives only "256x256, 30k random val captions"; the rest is ours, as usual):
 
