@@ -17,8 +17,9 @@ checks it against the precompute's ``meta.json``. Latents of the nine buckets (/
 - ``vae_dir`` / ``clip_dir`` / ``tokenizer_dir``: weights for the precompute (safetensors folders or
   ``raphael-convert`` outputs; tokenizer_dir "" means clip_dir);
 - ``latents_dir``: the precompute output, read by the trainer.
-Sampling previews need the VAE decoder and CLIP in the trainer, which it does not load:
-``train.sample_every = 0``.
+The trainer records the CLIP, tokenizer and VAE folders of the latents in ``<workdir>/encoders.json``;
+its previews (``train.sample_every``) and ``raphael-sample --workdir`` load them from there (decoded by
+the VAE, no x0 clipping in latent space: ``sample.clip_x0 = -1`` is auto).
 """
 from raphael_jax.config import base_config, config_module
 
@@ -69,6 +70,6 @@ def get_config(arg=None):
     t.caption_dropout = 0.1
     t.log_every = 100
     t.checkpoint_every = 2000
-    t.sample_every = 0                 # no previews: the trainer holds neither VAE decoder nor CLIP
+    t.sample_every = 5000              # preview grids decoded by the VAE (encoders.json)
     c.sample.guidance = 4.5
     return common.with_variants(c, arg)

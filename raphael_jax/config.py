@@ -42,7 +42,7 @@ TEXT_KINDS = ("small", "external")                      # raphael_jax.models.rap
 DATA_KINDS = ("shapes", "latents")                      # raphael_jax.train.loop.make_data_iterator
 LR_SCHEDULES = ("constant", "cosine")                   # raphael_jax.train.state.LR_SCHEDULES
 LATENT_MODES = ("mean", "sample")                       # raphael_jax.tools.precompute.Encoder
-TEXT_LAYERS = ("last", "penultimate", "penultimate_ln")  # raphael_jax.tools.precompute.TEXT_LAYERS
+TEXT_LAYERS = ("last", "penultimate", "penultimate_ln")  # raphael_jax.models.clip_text.TEXT_LAYERS
 
 
 class ConfigError(ValueError):
@@ -198,6 +198,10 @@ def base_config() -> ml_collections.ConfigDict:
     sa.timestep_spacing = "trailing"  # first step at t = T-1 (Lin et al. 2024); "leading" = diffusers' default
     sa.use_clipped_model_output = True  # eps re-derived from the clipped x0 (raphael_jax.sampling.ddim_options)
     sa.guidance_rescale = 0.0           # Lin et al. 2024 CFG rescale phi (diffusers' guidance_rescale)
+    sa.clip_x0 = -1.0                   # |x0| bound while sampling: 0 = no clipping, -1 = auto (1 for pixel
+                                        # runs, none for latent runs: scaled latents are not in [-1, 1])
+    sa.vae_tile = 128                   # latent runs: decode in tiles of this many latent pixels when a side
+                                        # is larger (raphael_jax.models.vae_tiling); 0 = never tile
     ev = c.eval = ml_collections.ConfigDict()
     ev.num_prompts = 200
     ev.seed = 1234
@@ -561,6 +565,12 @@ def validate(config) -> None:
     if not isinstance(_get(c, "sample.use_clipped_model_output"), bool):
         _fail("sample.use_clipped_model_output", c.sample.use_clipped_model_output, "must be True or False")
     _num(c, "sample.guidance_rescale", 0, 1)
+    clip_x0 = _get(c, "sample.clip_x0")
+    if not _is_num(clip_x0) or (clip_x0 < 0 and clip_x0 != -1):
+        _fail("sample.clip_x0", clip_x0, "must be a number >= 0 (0 = no clipping) or -1 (auto)")
+    tile = _int(c, "sample.vae_tile", 0)
+    if 0 < tile < 8:
+        _fail("sample.vae_tile", tile, "must be 0 (never tile) or at least 8 latent pixels")
     _int(c, "eval.num_prompts", 1)
     _int(c, "eval.batch_size", 1)
     _int(c, "eval.seed")

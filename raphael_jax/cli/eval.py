@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=None, help="prompt and noise seed (config eval.seed)")
     a.add_argument("--set", action="append", default=[], metavar="sample.KEY=VALUE",
                    help="override a sampler setting of the run's config, e.g. sample.timestep_spacing=leading")
+    _encoder_args(a)
 
     pr = sub.add_parser("probe", help="one-step x0 recovery from noised held-out images, per timestep")
     pr.add_argument("--workdir", required=True)
@@ -97,6 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _encoder_args(p) -> None:
+    """--clip / --vae / --tokenizer: a latent run's frozen encoders when not where encoders.json says."""
+    p.add_argument("--clip", default=None, help="latent runs: CLIP text folder (default: the run's recorded one)")
+    p.add_argument("--vae", default=None, help="latent runs: VAE folder (default: the run's recorded one)")
+    p.add_argument("--tokenizer", default=None, help="latent runs: CLIP tokenizer folder (default: --clip)")
+
+
+def _load_sampler(p: argparse.ArgumentParser, args):
+    """The run's Sampler (EMA weights), or a one-line argparse error (exit 2) for a bad run or encoder folder."""
+    from raphael_jax.sampling import Sampler
+    from raphael_jax.train.checkpoint import load_run
+
+    try:
+        return Sampler.from_run(load_run(args.workdir, weights="ema"), clip_dir=getattr(args, "clip", None),
+                                vae_dir=getattr(args, "vae", None), tokenizer_dir=getattr(args, "tokenizer", None))
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e).splitlines()[0])
+
+
 def _coco_fid_parser(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("captions and reference")
     src.add_argument("--annotations", help="captions_val2014.json")
@@ -117,7 +137,10 @@ def _coco_fid_parser(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--steps", type=int, default=None, help="DDIM steps")
     gen.add_argument("--sample-seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=50, help="images per sampler call, per host")
-    gen.add_argument("--image-size", type=int, default=256)
+    gen.add_argument("--image-size", type=int, default=256, help="images are resized to this (square) for FID")
+    gen.add_argument("--height", type=int, default=None, help="generation height (default: the run's)")
+    gen.add_argument("--width", type=int, default=None, help="generation width (default: the run's)")
+    _encoder_args(gen)
     ev = p.add_argument_group("metrics")
     ev.add_argument("--inception-weights", required=True, help="FID Inception safetensors")
     ev.add_argument("--inception-channel-divisor", type=int, default=1, help=argparse.SUPPRESS)  # tests only
@@ -136,10 +159,8 @@ def main(argv=None) -> int:
 def _alignment(p: argparse.ArgumentParser, args) -> int:
     from raphael_jax.config import apply_overrides
     from raphael_jax.evaluation.alignment import evaluate_alignment, save_results
-    from raphael_jax.sampling import Sampler
-    from raphael_jax.train.checkpoint import load_run
 
-    sampler = Sampler.from_run(load_run(args.workdir))
+    sampler = _load_sampler(p, args)
     cfg = sampler.config
     if any(not kv.startswith("sample.") for kv in args.set):
         p.error("--set only overrides sample.* settings (the weights fix everything else)")
@@ -167,10 +188,11 @@ def _alignment(p: argparse.ArgumentParser, args) -> int:
 
 def _probe(p: argparse.ArgumentParser, args) -> int:
     from raphael_jax.evaluation.denoise_probe import denoise_probe
-    from raphael_jax.sampling import Sampler
-    from raphael_jax.train.checkpoint import load_run
 
-    sampler = Sampler.from_run(load_run(args.workdir))
+    sampler = _load_sampler(p, args)
+    if sampler.latent:
+        p.error("probe: the one-step probe noises rendered shapes-world images (pixel runs only); "
+                "use `raphael-eval alignment` for latent runs")
     res = denoise_probe(sampler, tuple(int(t) for t in args.timesteps.split(",")), args.num)
     print(f"one-step x0 from x_t, {args.num} held-out single-object scenes, step {sampler.step}")
     for t, r in res.items():
@@ -237,8 +259,12 @@ def _coco_fid(p: argparse.ArgumentParser, args) -> int:
         extract, drawn, ref_stats=args.ref_stats, coco_images=args.coco_images, ref_images=args.ref_images,
         ref_max_images=args.ref_max_images, tfds=args.tfds, tfds_data_dir=args.tfds_data_dir,
         image_size=args.image_size, batch_size=args.fid_batch_size)
-    sampler = make_sampler(args.sampler, image_size=args.image_size, seed=args.sample_seed, guidance=args.guidance,
-                           num_steps=args.steps, factory_args=args)
+    try:
+        sampler = make_sampler(args.sampler, image_size=args.image_size, seed=args.sample_seed,
+                               guidance=args.guidance, num_steps=args.steps, factory_args=args, height=args.height,
+                               width=args.width, clip_dir=args.clip, vae_dir=args.vae, tokenizer_dir=args.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e).splitlines()[0])
     scorer = None
     if args.clip_model:
         from raphael_jax.evaluation.clip_score import ClipScorer

@@ -1,7 +1,11 @@
-"""``raphael-sample --workdir DIR --prompt "..." --num 8 --out DIR``: PNGs with the prompt in their metadata.
+"""``raphael-sample --workdir DIR --prompt "..." --num 8 --out DIR``: PNGs with prompt and settings as metadata.
 
 Samples with the run's EMA weights (DDIM + CFG, :class:`raphael_jax.sampling.Sampler`); writes
 ``sample_{i:04d}.png`` per image and ``grid.png`` (one row per prompt), never overwriting a file.
+Latent runs load the CLIP text tower, tokenizer and VAE recorded in ``DIR/encoders.json``;
+``--clip`` / ``--vae`` / ``--tokenizer`` point at them when the weights moved. ``--height`` /
+``--width`` choose the image size (latent runs: any of the trained buckets, e.g. 448x832; default
+the most square one).
 """
 from __future__ import annotations
 
@@ -16,30 +20,64 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", action="append", required=True, help="a caption; repeat for several")
     p.add_argument("--num", type=int, default=8, help="images per prompt")
     p.add_argument("--out", required=True, help="output folder (files are never overwritten)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the run's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the run's)")
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--eta", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="images per sampling call (over all local devices)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--clip", default=None, help="CLIP text folder (latent runs; default: the recorded one)")
+    p.add_argument("--vae", default=None, help="VAE folder (latent runs; default: the recorded one)")
+    p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (default: --clip, else the recorded one)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard the weights over the local devices (models that do not fit one device)")
     args = p.parse_args(argv)
     if args.num < 1:
         p.error("--num must be at least 1")
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1")
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be at least 1")
     for prompt in args.prompt:
         if not prompt.strip():
             p.error("--prompt must not be empty (use a caption such as 'a big red circle at the top left')")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file, not a folder")
 
-    from raphael_jax.sampling import Sampler, image_grid, save_png
+    from raphael_jax.sampling import Sampler, image_grid, local_plan, save_png
     from raphael_jax.train.checkpoint import load_run
 
-    sampler = Sampler.from_run(load_run(args.workdir))
+    try:
+        if not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
+            raise FileNotFoundError(f"{args.workdir} holds no checkpoints (a raphael-train --workdir)")
+        plan = None
+        if args.fsdp:
+            from raphael_jax.train.checkpoint import RunCheckpoints
+
+            ck = RunCheckpoints(args.workdir, async_save=False)
+            plan = local_plan(ck.restore_config(args.step))
+            ck.close()
+        run = load_run(args.workdir, args.step, weights="ema", plan=plan)
+        sampler = Sampler.from_run(run, clip_dir=args.clip, vae_dir=args.vae, tokenizer_dir=args.tokenizer,
+                                   plan=plan, shard_params=args.fsdp)
+        height, width = sampler.check_size(args.height, args.width)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e).splitlines()[0])
+    if sampler.buckets and (height, width) not in sampler.buckets:
+        print(f"note: {height}x{width} is not one of the run's trained sizes {sampler.buckets}")
     prompts = [pr for pr in args.prompt for _ in range(args.num)]
-    images = sampler.sample(prompts, seed=args.seed, num_steps=args.steps, guidance=args.guidance, eta=args.eta)
+    print(f"sampling {len(prompts)} images of {height}x{width} from step {sampler.step} of {args.workdir}", flush=True)
+    images = sampler.sample(prompts, seed=args.seed, num_steps=args.steps, guidance=args.guidance, eta=args.eta,
+                            batch_size=args.batch_size, height=height, width=width)
     os.makedirs(args.out, exist_ok=True)
-    g = sampler.config.sample.guidance if args.guidance is None else args.guidance
-    meta = {"guidance": g, "seed": args.seed, "step": sampler.step, "workdir": os.path.abspath(args.workdir)}
+    meta = {**sampler.settings(seed=args.seed, guidance=args.guidance, num_steps=args.steps, eta=args.eta,
+                               height=height, width=width), "workdir": os.path.abspath(args.workdir)}
     written = []
     for i, (pr, im) in enumerate(zip(prompts, images)):
         path = _free_path(args.out, f"sample_{i:04d}.png")
-        save_png(im, path, pr, meta)
+        save_png(im, path, pr, {**meta, "index": i})
         written.append(path)
     grid_path = _free_path(args.out, "grid.png")
     save_png(image_grid(images, cols=args.num), grid_path, " | ".join(args.prompt), meta)

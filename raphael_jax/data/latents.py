@@ -32,13 +32,38 @@ import numpy as np
 
 from raphael_jax.data.real.buckets import BucketBatchPlan
 
-__all__ = ["LatentsSource", "make_latents_iterator", "pack_record", "unpack_record"]
+__all__ = ["ENCODERS_FILE", "LatentsSource", "encoders_record", "make_latents_iterator", "pack_record",
+           "unpack_record"]
 
 FORMAT = "raphael_latents"
 VERSION = 1
 META = "meta.json"
 NULL_FILE = "null_text.npz"
 STORE_DTYPES = ("float32", "float16")
+
+
+# What a latent run needs to be sampled, written by the trainer into the workdir (from the latents'
+# meta.json) and read by ``raphael_jax.train.checkpoint.load_run``: the frozen encoders' locations and
+# settings as trained.
+ENCODERS_FILE = "encoders.json"
+_RECORD_KEYS = ("clip", "tokenizer", "text_layer", "max_len", "text_width", "vae", "latent_channels", "vae_factor",
+                "scaling_factor", "shift_factor", "latent")
+
+
+def encoders_record(meta: dict, latents_dir: str | Path | None = None) -> dict:
+    """The run's ``encoders.json`` from a precompute's ``meta.json``: the CLIP folder, tokenizer folder and
+    hidden layer (``text_layer``) the text states came from, ``max_len``, ``text_width``; the VAE folder,
+    ``latent_channels``, ``vae_factor``, ``scaling_factor`` / ``shift_factor`` the latents were scaled
+    with; ``buckets``: the pixel sizes [h, w] trained on (bucket id order)."""
+    missing = [k for k in _RECORD_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"latents meta.json lacks {missing} (written by an older raphael-precompute?)")
+    rec = {"format": "raphael_encoders", "version": 1, **{k: meta[k] for k in _RECORD_KEYS}}
+    buckets = meta.get("buckets", {})
+    rec["buckets"] = [list(buckets[b]["image_hw"]) for b in sorted(buckets, key=int)]
+    if latents_dir is not None:
+        rec["latents_dir"] = str(Path(latents_dir).resolve())
+    return rec
 
 
 def done_name(i: int, n: int) -> str:

@@ -14,7 +14,6 @@ import importlib
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-import jax
 import numpy as np
 
 __all__ = ["CaptionSampler", "NoiseSampler", "RaphaelSampler", "make_sampler"]
@@ -44,11 +43,11 @@ class NoiseSampler:
 
 
 class RaphaelSampler:
-    """A :class:`raphael_jax.sampling.Sampler` (DDIM + CFG on the EMA weights) sharded over the
-    local devices, with per-caption-index initial noise ``normal(fold_in(key(seed), i))``.
+    """A :class:`raphael_jax.sampling.Sampler` (DDIM + CFG on the EMA weights; for latent runs the CLIP text
+    states and the VAE decode) with per-caption-index initial noise ``normal(fold_in(key(seed), i))``.
 
-    Uses the Sampler's public steps (same encoder, guided loop and config defaults as ``Sampler.sample``)
-    with its own noise keys and the batch sharded over the devices (weights replicated).
+    :meth:`raphael_jax.sampling.Sampler.generate` does the work: the batch is sharded over the sampler's
+    devices, images come back as uint8 at ``height`` x ``width`` (default: the run's default size).
     """
 
     def __init__(
@@ -58,44 +57,23 @@ class RaphaelSampler:
         guidance: float | None = None,
         num_steps: int | None = None,
         eta: float | None = None,
-        devices: Sequence[jax.Device] | None = None,
+        height: int | None = None,
+        width: int | None = None,
     ):
-        import jax.numpy as jnp
-
         self.sampler, self.seed = sampler, seed
         sc = sampler.config.sample
         self.guidance = sc.guidance if guidance is None else guidance
         self.num_steps = num_steps or sc.num_steps
         self.eta = sc.eta if eta is None else eta
-        self.devices = list(devices or jax.local_devices())
-        mesh = jax.sharding.Mesh(np.array(self.devices), ("batch",))
-        self._data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
-        self._params = jax.device_put(
-            sampler.params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        )
-        size, ch = sampler.config.data.image_size, sampler.config.model.in_channels
-        base = jax.random.key(seed)
-        self._noise = jax.jit(
-            jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base, i), (size, size, ch), jnp.float32)),
-            out_shardings=self._data,
-        )
+        self.height, self.width = sampler.check_size(height, width)
 
     def sample_batch(self, prompts, indices):
         from raphael_jax.sampling import to_uint8
 
-        s, n = self.sampler, len(prompts)
-        pad = -n % len(self.devices)
-        prompts = list(prompts) + [""] * pad
-        idx = np.concatenate([np.asarray(indices, np.int32), np.zeros(pad, np.int32)])
-        put = lambda a: jax.device_put(np.asarray(a), self._data)
-        tokens, mask = map(put, s.tokenize(prompts))
-        empty_tok, empty_mask = map(put, s.tokenize([""] * len(prompts)))
-        cond = s.encode_tokens(tokens, mask, params=self._params)
-        uncond = s.encode_tokens(empty_tok, empty_mask, params=self._params)
-        key = jax.random.fold_in(jax.random.key(self.seed + 1), int(idx[0]))
-        x0 = s.guided_sample(self._noise(put(idx)), cond, uncond, num_steps=self.num_steps, guidance=self.guidance,
-                             eta=self.eta, key=key, params=self._params)
-        return to_uint8(x0)[:n]
+        images = self.sampler.generate(list(prompts), np.asarray(indices), seed=self.seed, height=self.height,
+                                       width=self.width, num_steps=self.num_steps, guidance=self.guidance,
+                                       eta=self.eta)
+        return to_uint8(images)
 
 
 def make_sampler(
@@ -106,6 +84,11 @@ def make_sampler(
     guidance: float | None = None,
     num_steps: int | None = None,
     factory_args: Any = None,
+    height: int | None = None,
+    width: int | None = None,
+    clip_dir: str | None = None,
+    vae_dir: str | None = None,
+    tokenizer_dir: str | None = None,
 ) -> CaptionSampler:
     """``workdir:DIR`` | ``noise`` | ``py:MODULE:FACTORY`` (see the module docstring).
 
@@ -115,6 +98,8 @@ def make_sampler(
       seed: noise seed (``noise``, ``workdir:``).
       guidance, num_steps: CFG weight and DDIM steps of a ``workdir:`` run (None: the run's config).
       factory_args: the one argument of a ``py:`` factory.
+      height, width: generation size of a ``workdir:`` run (None: the run's default size).
+      clip_dir, vae_dir, tokenizer_dir: a latent ``workdir:`` run's encoders, when not where it recorded them.
     """
     if spec == "noise":
         return NoiseSampler(image_size, seed)
@@ -122,11 +107,14 @@ def make_sampler(
         from raphael_jax.sampling import Sampler
         from raphael_jax.train.checkpoint import load_run
 
+        run = load_run(spec[len("workdir:") :], weights="ema")
         return RaphaelSampler(
-            Sampler.from_run(load_run(spec[len("workdir:") :])),
+            Sampler.from_run(run, clip_dir=clip_dir, vae_dir=vae_dir, tokenizer_dir=tokenizer_dir),
             seed=seed,
             guidance=guidance,
             num_steps=num_steps,
+            height=height,
+            width=width,
         )
     if spec.startswith("py:"):
         module, _, factory = spec[3:].rpartition(":")

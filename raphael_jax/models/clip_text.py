@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-__all__ = ["CLIPTextConfig", "CLIPTextOutput", "CLIPTextTransformer", "gelu_exact", "quick_gelu"]
+__all__ = ["TEXT_LAYERS", "CLIPTextConfig", "CLIPTextOutput", "CLIPTextTransformer", "check_text_layer", "gelu_exact",
+           "quick_gelu", "text_states"]
 
 _ACTS = ("quick_gelu", "gelu")
 
@@ -321,3 +322,40 @@ class CLIPTextTransformer(nnx.Module):
             hidden_states=tuple(hidden_states),
             text_embeds=text_embeds,
         )
+
+
+# The hidden layer a diffusion model conditions on (``data.text_layer``; the precompute pass and the
+# sampler both call :func:`text_states`, so sampling sees exactly the states training saw).
+TEXT_LAYERS = ("last", "penultimate", "penultimate_ln")
+
+
+def check_text_layer(layer):
+    """``layer`` as used by :func:`text_states`: one of :data:`TEXT_LAYERS` or an int index (an int-like
+    string such as ``"-2"`` becomes the int); ValueError otherwise."""
+    if isinstance(layer, str) and layer.lstrip("-").isdigit():
+        layer = int(layer)
+    if isinstance(layer, bool) or (not isinstance(layer, int) and layer not in TEXT_LAYERS):
+        raise ValueError(f"text_layer must be one of {TEXT_LAYERS} or an int index, got {layer!r}")
+    return layer
+
+
+def text_states(model: CLIPTextTransformer, input_ids: jax.Array, layer="last") -> jax.Array:
+    """Per-token text states [B, L, D] (float32) of ``layer``, the encoder run without an attention mask
+    (causal only, as Stable Diffusion does):
+
+    - ``"last"``: ``last_hidden_state`` (after the final LayerNorm): E_theta(y) as in the paper and SD 1.x;
+    - ``"penultimate"``: ``hidden_states[-2]`` without the final LayerNorm (SDXL);
+    - ``"penultimate_ln"``: the final LayerNorm applied to ``hidden_states[-2]`` (SD 2.x);
+    - an int: ``hidden_states[layer]``.
+    """
+    layer = check_text_layer(layer)
+    out = model(input_ids)
+    if layer == "last":
+        h = out.last_hidden_state
+    elif layer == "penultimate":
+        h = out.hidden_states[-2]
+    elif layer == "penultimate_ln":
+        h = model.final_layer_norm(out.hidden_states[-2])
+    else:
+        h = out.hidden_states[layer]
+    return h.astype(jnp.float32)

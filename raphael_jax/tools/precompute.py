@@ -30,46 +30,15 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from raphael_jax.convert.frozen import load_clip, load_vae
 from raphael_jax.data.edges import pool_edges
 from raphael_jax.data.latents import FORMAT, META, NULL_FILE, STORE_DTYPES, VERSION, done_name, pack_record
+from raphael_jax.models.clip_text import TEXT_LAYERS, check_text_layer, text_states
 
-__all__ = ["Encoders", "load_clip", "load_vae", "precompute"]
-
-TEXT_LAYERS = ("last", "penultimate", "penultimate_ln")
+__all__ = ["TEXT_LAYERS", "Encoders", "load_clip", "load_vae", "precompute"]
 
 
 # ----------------------------------------------------------------------------------- encoders
-def _is_conversion(path) -> bool:
-    return (Path(path) / "raphael_convert.json").is_file()
-
-
-def load_vae(path):
-    """(AutoencoderKL, config) from a diffusers safetensors folder or a ``raphael-convert vae`` output."""
-    if _is_conversion(path):
-        from raphael_jax.convert.orbax import load_converted
-        return load_converted(path)
-    from raphael_jax.convert import load_autoencoder
-    return load_autoencoder(path)
-
-
-def load_clip(path):
-    """(CLIPTextTransformer, config) from a transformers safetensors folder or a ``raphael-convert clip``
-    output."""
-    if _is_conversion(path):
-        from raphael_jax.convert.orbax import load_converted
-        return load_converted(path)
-    from raphael_jax.convert import load_clip_text
-    return load_clip_text(path)
-
-
-def _check_text_layer(text_layer):
-    if isinstance(text_layer, str) and text_layer.lstrip("-").isdigit():
-        text_layer = int(text_layer)
-    if not isinstance(text_layer, int) and text_layer not in TEXT_LAYERS:
-        raise ValueError(f"text_layer must be one of {TEXT_LAYERS} or an int index, got {text_layer!r}")
-    return text_layer
-
-
 class Encoders:
     """The frozen VAE encoder and CLIP text tower as jitted functions over numpy batches."""
 
@@ -83,7 +52,7 @@ class Encoders:
 
         if latent not in ("mean", "sample"):
             raise ValueError(f"latent must be 'mean' or 'sample', got {latent!r}")
-        self.latent, self.text_layer, self.max_len = latent, _check_text_layer(text_layer), int(max_len)
+        self.latent, self.text_layer, self.max_len = latent, check_text_layer(text_layer), int(max_len)
         self.seed, self.dirs = int(seed), (vae_dir, clip_dir, tokenizer_dir)
         vae, self.vae_cfg = load_vae(vae_dir)
         clip, self.clip_cfg = load_clip(clip_dir)
@@ -114,17 +83,7 @@ class Encoders:
             return ((z - shift) * scale).astype(jnp.float32)
 
         def enc_text(state, ids):
-            m = nnx.merge(cg, state)
-            out = m(ids)
-            if layer == "last":
-                h = out.last_hidden_state
-            elif layer == "penultimate":
-                h = out.hidden_states[-2]
-            elif layer == "penultimate_ln":
-                h = m.final_layer_norm(out.hidden_states[-2])
-            else:
-                h = out.hidden_states[layer]
-            return h.astype(jnp.float32)
+            return text_states(nnx.merge(cg, state), ids, layer)
 
         self._enc_images, self._enc_text = jax.jit(enc_images), jax.jit(enc_text)
 

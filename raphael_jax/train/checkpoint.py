@@ -12,14 +12,16 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from raphael_jax.config import from_saved
+from raphael_jax.data.latents import ENCODERS_FILE
 from raphael_jax.data.shapes.tokenizer import TOKENIZER_FILE, Tokenizer
 from raphael_jax.models.raphael import RaphaelModel
-from raphael_jax.train.state import init_state, make_optimizer, split_model
+from raphael_jax.train.state import split_model
 
 
 class RunCheckpoints:
@@ -71,7 +73,9 @@ def abstract_like(tree):
 @dataclasses.dataclass
 class Run:
     """A trained run restored for use (sampling, evaluation, analysis): its config, model graph,
-    weights at ``step`` and the text tokenizer it was trained with (None for precomputed text states)."""
+    weights at ``step`` (``params`` / ``ema_params``: None when not restored), the text tokenizer it was
+    trained with (None for CLIP text states) and, for latent runs, ``encoders``: its ``encoders.json``
+    (the CLIP, tokenizer and VAE folders and settings the latents and text states were made with)."""
 
     workdir: str
     step: int
@@ -80,27 +84,47 @@ class Run:
     params: Any
     ema_params: Any
     tokenizer: Tokenizer | None
+    encoders: dict | None = None
 
 
-def load_run(workdir: str, step: int | None = None) -> Run:
-    """Restore ``workdir``'s checkpoint at ``step`` (latest by default) onto the first local device.
+WEIGHTS = ("both", "ema", "params")
 
-    The model is built abstractly (``nnx.eval_shape``, no random init): the checkpoint supplies every
-    value. The optimizer state is restored too (orbax needs the full tree) and dropped.
+
+def load_run(workdir: str, step: int | None = None, *, weights: str = "both", plan=None) -> Run:
+    """Restore ``workdir``'s checkpoint at ``step`` (latest by default).
+
+    Only the weights are read (``weights``: ``"both"``, ``"ema"`` or ``"params"``), never the optimizer
+    state. They land on the first local device, or with ``plan`` (a ``ShardingPlan``) sharded by their
+    logical axes over its mesh (FSDP for models that do not fit one device). The model is built
+    abstractly (``nnx.eval_shape``, no random init): the checkpoint supplies every value.
     """
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     ckpts = RunCheckpoints(workdir, async_save=False)
     try:
         if ckpts.latest_step() is None:
             raise FileNotFoundError(f"{workdir} holds no checkpoint (train first: raphael-train --workdir {workdir})")
+        step = ckpts.latest_step() if step is None else step
+        if step not in ckpts.manager.all_steps():
+            raise FileNotFoundError(f"{workdir} has no checkpoint at step {step} (it has {ckpts.manager.all_steps()})")
         config = ckpts.restore_config(step)
-        graphdef, params = split_model(nnx.eval_shape(lambda: RaphaelModel(config, rngs=nnx.Rngs(config.seed))))
-        abstract = jax.eval_shape(lambda p: init_state(config, p, make_optimizer(config)), params)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-        state, _ = ckpts.restore(abstract, step)
     finally:
         ckpts.close()
-    tok_path = os.path.join(workdir, TOKENIZER_FILE)
-    tokenizer = Tokenizer.load(tok_path) if config.text.kind == "small" else None
-    return Run(os.path.abspath(workdir), int(state["step"]), config, graphdef, state["params"],
-               state["ema_params"], tokenizer)
+    graphdef, params = split_model(nnx.eval_shape(lambda: RaphaelModel(config, rngs=nnx.Rngs(config.seed))))
+    if plan is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, params)
+    else:
+        from raphael_jax.parallel.sharding import tree_shardings
+        shardings = tree_shardings(params, plan)
+    abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
+    names = {"both": ("params", "ema_params"), "ema": ("ema_params",), "params": ("params",)}[weights]
+    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), **{k: abstract_params for k in names}}
+    path = os.path.join(ckpts.directory, str(step), "state")
+    state = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
+    tokenizer = Tokenizer.load(os.path.join(workdir, TOKENIZER_FILE)) if config.text.kind == "small" else None
+    enc_path = os.path.join(workdir, ENCODERS_FILE)
+    encoders = json.loads(open(enc_path).read()) if os.path.isfile(enc_path) else None
+    return Run(os.path.abspath(workdir), int(state["step"]), config, graphdef, state.get("params"),
+               state.get("ema_params"), tokenizer, encoders)

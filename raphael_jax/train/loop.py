@@ -113,15 +113,79 @@ def preview_prompts(config, n: int = 16) -> list[str]:
     return [make_caption(o) for o in objs]
 
 
-def write_samples(config, graphdef, state, tokenizer, workdir, step, writer: MetricWriter) -> None:
-    prompts = preview_prompts(config)
-    sampler = Sampler(config, graphdef, state["ema_params"], tokenizer)
-    images = sampler.sample(prompts, seed=0, num_steps=min(config.sample.num_steps, 25))
+def write_samples(sampler: Sampler, params, prompts, workdir, step, writer: MetricWriter, size=None) -> None:
+    """A preview grid of ``prompts`` from ``params`` (the EMA weights): ``samples/step_*.png`` and TensorBoard,
+    written by host 0 (every host takes part in the sampling)."""
+    sampler.params = params
+    h, w = size or sampler.default_size()
+    images = sampler.sample(prompts, seed=0, num_steps=min(sampler.config.sample.num_steps, 25), height=h, width=w)
     grid = image_grid(images, cols=8)
     if jax.process_index() == 0:
         os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-        save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"), " | ".join(prompts))
+        save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"), " | ".join(prompts),
+                 sampler.settings(seed=0, num_steps=min(sampler.config.sample.num_steps, 25), height=h, width=w))
     writer.image(step, "samples", grid)
+
+
+def record_encoders(config, workdir: str) -> dict | None:
+    """Latent runs: write ``<workdir>/encoders.json`` (host 0) from the latents' ``meta.json``: what the run
+    needs to be sampled (CLIP, tokenizer and VAE folders, text layer, scaling, buckets). Returns it."""
+    if config.data.kind != "latents":
+        return None
+    from raphael_jax.data.latents import ENCODERS_FILE, META, encoders_record
+
+    meta_path = os.path.join(config.data.latents_dir, META)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"data.latents_dir={config.data.latents_dir!r} holds no {META} "
+                                "(run raphael-precompute first)")
+    with open(meta_path) as f:
+        record = encoders_record(json.load(f), config.data.latents_dir)
+    path = os.path.join(workdir, ENCODERS_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        keep = ("clip", "tokenizer", "vae", "latents_dir")  # locations may move between machines
+        if {k: v for k, v in old.items() if k not in keep} != {k: v for k, v in record.items() if k not in keep}:
+            raise ValueError(f"{path} records other encoders than {meta_path} (text layer, scaling or buckets "
+                             "differ): these latents do not belong to this run; use a new --workdir")
+    if jax.process_index() == 0:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, path)
+    return record
+
+
+def make_preview_sampler(config, graphdef, state, tokenizer, record, plan) -> tuple[Sampler, list[str]] | None:
+    """The sampler (and prompts) of the training previews, or None with ``train.sample_every = 0``.
+
+    Pixel runs: 16 evaluation-stream prompts of the shapes world. Latent runs: the CLIP tower, tokenizer
+    and VAE of ``encoders.json`` are loaded once here (a missing folder fails now, not at the first
+    preview) and the prompts are the first 16 distinct training captions.
+    """
+    if not config.train.sample_every:
+        return None
+    if record is None:
+        return Sampler(config, graphdef, state["ema_params"], tokenizer, plan=plan, shard_params=True), \
+            preview_prompts(config)
+    from raphael_jax.data.latents import LatentsSource
+    from raphael_jax.sampling import ClipText, LatentDecoder
+
+    hint = " (set train.sample_every=0 to train without previews)"
+    text = ClipText.load(record["clip"], record["tokenizer"], record["text_layer"], record["max_len"], hint=hint)
+    decoder = LatentDecoder.load(record["vae"], record["scaling_factor"], record["shift_factor"],
+                                 tile=config.sample.vae_tile, hint=hint)
+    source = LatentsSource(config.data.latents_dir)
+    prompts: list[str] = []
+    for i in range(min(len(source), 256)):
+        cap = source[i]["caption"]
+        if cap not in prompts:
+            prompts.append(cap)
+        if len(prompts) == 16:
+            break
+    sampler = Sampler(config, graphdef, state["ema_params"], text=text, decoder=decoder, buckets=record["buckets"],
+                      plan=plan, shard_params=True)
+    return sampler, prompts
 
 
 def init_from_run(src_workdir: str, state: dict) -> dict:
@@ -158,6 +222,7 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None) -> di
     # The shapes world trains its own tokenizer; precomputed latents carry their text states.
     tokenizer = load_or_train_tokenizer(config, workdir) if config.data.kind == "shapes" else None
     eos_id = tokenizer.eos_id if tokenizer is not None else 1
+    record = record_encoders(config, workdir)  # latent runs: what sampling needs (encoders.json)
     tx = make_optimizer(config)
     sched = NoiseSchedule.create(config.diffusion.schedule, config.diffusion.num_timesteps)
     # the state is created sharded on the config's mesh (parallel.mesh / parallel.rules)
@@ -187,6 +252,7 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None) -> di
     train_step = jit_train_step(make_train_step(graphdef, config, tx, sched, eos_id), plan, shardings,
                                 config.train.batch_size)
     writer = MetricWriter(workdir)
+    preview = make_preview_sampler(config, graphdef, state, tokenizer, record, plan)
     step = int(state["step"])
     t_start, s_start, compiled = time.time(), step, False
     pending = []
@@ -210,9 +276,8 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None) -> di
                       f"edge {means['edge_loss']:.4f}  {rate:5.2f} steps/s  ETA {_fmt_time(eta)}", flush=True)
         if step % config.train.checkpoint_every == 0 or step == num_steps:
             ckpts.save(step, state, data.get_state(), config)
-        if (config.train.sample_every and tokenizer is not None
-                and (step % config.train.sample_every == 0 or step == num_steps)):
-            write_samples(config, graphdef, state, tokenizer, workdir, step, writer)
+        if preview is not None and (step % config.train.sample_every == 0 or step == num_steps):
+            write_samples(preview[0], state["ema_params"], preview[1], workdir, step, writer)
     ckpts.close()
     writer.close()
     return state

@@ -96,7 +96,7 @@ def test_subcommands():
     assert {("alignment",), ("probe",), ("fid",), ("fid", "stats"), ("fid", "distance"), ("coco-fid",),
             ("sfd",), ("sfd", "train"), ("sfd", "score"), ("clip-score",)} == subs("raphael-eval")
     assert {("clip",), ("vae",), ("inception",)} == subs("raphael-convert")
-    assert {("image-text",), ("shapes",)} == subs("raphael-data")
+    assert {("image-text",), ("shapes",), ("shapes-folder",)} == subs("raphael-data")
 
 
 @pytest.mark.parametrize("path", sorted(CLI.glob("*.py")), ids=lambda p: p.name)

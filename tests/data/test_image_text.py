@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 from PIL import Image
+from references.latent_fixtures import LATENT_SMALL  # tests/ is on sys.path (conftest)
 
 from raphael_jax.data.real.buckets import (
     BUCKETS,
@@ -449,18 +450,6 @@ def test_latents_iterator(latents):
         assert b["mask"].dtype == bool and b["null_text_states"].shape == (2, 77, 32)
 
 
-# small_latent.py shrunk to a few RAPHAEL blocks (with MoEs and edge heads); batch 3: only bucket 0
-# (3 examples) is served, so the train step compiles once.
-LATENT_SMALL = ["model.channels=(16, 32)", "model.block_levels=(0, 1)", "model.self_attention_levels=(0, 0)",
-                "model.num_res_blocks=1", "model.mid_block=False", "model.head_dim=16", "model.norm_groups=8",
-                "model.remat=False", "model.space_moe.num_experts=2", "model.space_moe.gate_hidden=16",
-                "model.space_moe.hidden_mult=1.0", "model.time_moe.num_experts=2",
-                "model.time_moe.gate_hidden=16", "model.time_moe.hidden_mult=1.0", "model.edge.channels=4",
-                "model.edge.num_layers=2", "text.width=32", "model.context_dim=32", "train.batch_size=3",
-                "train.log_every=1", "train.checkpoint_every=100", "train.warmup_steps=1",
-                "train.learning_rate=1e-3", "parallel.num_devices=1"]
-
-
 def test_caption_dropout_uses_null_states():
     """compute_losses with external text states: a dropped sample gets the stored null states and mask."""
     import jax
@@ -510,8 +499,8 @@ def test_train_on_precomputed_latents(latents, tmp_path):
 
     one, _, _ = latents
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "small_latent.py"),
-                      LATENT_SMALL + [f"data.latents_dir={one}"])
-    assert cfg.text.kind == "external" and cfg.model.in_channels == 4 and cfg.train.sample_every == 0
+                      LATENT_SMALL + [f"data.latents_dir={one}", "train.sample_every=0"])
+    assert cfg.text.kind == "external" and cfg.model.in_channels == 4
     work = str(tmp_path / "run")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

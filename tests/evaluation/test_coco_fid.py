@@ -7,17 +7,12 @@ import os
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
+from references.latent_fixtures import write_fake_coco, write_tiny_inception  # tests/ is on sys.path (conftest)
 
 from raphael_jax.cli.eval import main as eval_main
 from raphael_jax.evaluation import caption_samplers, coco_captions, fid
-from raphael_jax.evaluation.inception import (
-    InceptionConfig,
-    inception_torch_name,
-    init_inception,
-    load_inception,
-)
+from raphael_jax.evaluation.inception import InceptionConfig, load_inception
 from raphael_jax.evaluation.shapes_fd import (
     load_feature_net,
     real_images,
@@ -56,33 +51,8 @@ WORDS = ["a", "red", "bus", "sky", "over", "the", "city", "dog", "on", "grass"]
 
 @pytest.fixture(scope="module")
 def fake_coco(tmp_path_factory):
-    root = tmp_path_factory.mktemp("coco")
-    (root / "val2014").mkdir()
-    rs = np.random.RandomState(0)
-    images, anns = [], []
-    for k in range(N_IMAGES):
-        image_id = 1000 + 7 * k
-        name = f"COCO_val2014_{image_id:012d}.jpg"
-        h, w = rs.randint(40, 80, 2)
-        arr = np.clip(rs.normal(120, 60, (h, w, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(arr).save(root / "val2014" / name, quality=95)
-        images.append({"id": image_id, "file_name": name, "height": int(h), "width": int(w)})
-        for j in range(2):
-            words = rs.choice(WORDS, 5)
-            anns.append({"id": 50000 + 2 * k + j, "image_id": image_id, "caption": " ".join(words) + " ."})
-    rs.shuffle(anns)
-    ann_path = root / "annotations" / "captions_val2014.json"
-    ann_path.parent.mkdir()
-    ann_path.write_text(json.dumps({"images": images, "annotations": anns}))
-    # a tiny random FID Inception saved under pytorch-fid's tensor names, as the converter writes it
-    net = init_inception(InceptionConfig(channel_divisor=DIV), seed=0)
-    tensors = {}
-    for path, var in nnx.to_flat_state(nnx.state(net)):
-        v = np.asarray(var[...])
-        tensors[inception_torch_name(path)] = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v
-    from raphael_jax.convert.safetensors_io import write_safetensors
-
-    write_safetensors(tensors, root / "inception_tiny.safetensors")
+    root = write_fake_coco(tmp_path_factory.mktemp("coco"), N_IMAGES, WORDS)
+    write_tiny_inception(root / "inception_tiny.safetensors", channel_divisor=DIV)
     return root
 
 

@@ -21,6 +21,12 @@ size: small images are upscaled to their bucket.
 multiples of 64, so d in 1, 2, 4, 8, 16, 32, 64): d = 8 gives 56x104 ... 104x56, d = 16 gives
 28x52 ... 52x28. Every side stays an exact multiple, so bucket assignment is unchanged.
 
+**Custom bucket lists** (:func:`check_buckets`). A build may instead use its own list of [h, w]
+pixel sizes, e.g. ``[(64, 64)]`` for a square toy world (the shapes folder of
+:mod:`raphael_jax.data.shapes.folder`); bucket ids are then positions in that list and the
+nearest-bucket rule is the same. At most :data:`MAX_BUCKETS` (ids are stored as one digit each in
+the build's ``bucket_ids``, see :mod:`raphael_jax.data.real.builder`).
+
 **Per-bucket batching** (:class:`BucketBatchPlan`). Every batch holds examples of one bucket only.
 Per epoch e, with ``rng = default_rng([seed, e])``, each bucket's example indices are shuffled
 and cut into *global* batches of ``batch_size * shard_count`` (a bucket's last incomplete batch is
@@ -44,7 +50,9 @@ from PIL import Image
 __all__ = [
     "BUCKETS",
     "BucketBatchPlan",
+    "MAX_BUCKETS",
     "bucket_name",
+    "check_buckets",
     "nearest_bucket",
     "resize_to_bucket",
     "scaled_buckets",
@@ -56,6 +64,9 @@ BUCKETS: tuple[tuple[int, int], ...] = (
     (640, 576), (704, 512), (768, 512), (832, 448),
 )
 
+# Bucket ids are written as one decimal digit per example (builder's ``bucket_ids``).
+MAX_BUCKETS = 10
+
 # Effectively infinite number of batches (epochs repeat with fresh shuffles).
 STREAM_SIZE = 2**40
 
@@ -66,6 +77,31 @@ def scaled_buckets(scale_divisor: int = 1) -> tuple[tuple[int, int], ...]:
     if d < 1 or any(s % d for hw in BUCKETS for s in hw):
         raise ValueError(f"scale_divisor must divide 64 (1, 2, 4, ..., 64), got {scale_divisor}")
     return tuple((h // d, w // d) for h, w in BUCKETS)
+
+
+def check_buckets(buckets) -> tuple[tuple[int, int], ...]:
+    """A custom bucket list as a tuple of (h, w) int pairs; one-line ValueError unless it is non-empty,
+    of at most :data:`MAX_BUCKETS` unique pairs of positive ints."""
+    if isinstance(buckets, (str, bytes)):
+        raise ValueError(f"buckets must be a list of (h, w) pairs, got {buckets!r}")
+    try:
+        items = list(buckets)
+    except TypeError:
+        raise ValueError(f"buckets must be a list of (h, w) pairs, got {buckets!r}") from None
+    if not items:
+        raise ValueError("buckets must hold at least one (h, w) pair")
+    out = []
+    for hw in items:
+        if (isinstance(hw, (str, bytes)) or not hasattr(hw, "__len__") or len(hw) != 2
+                or not all(isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_)) and s > 0
+                           for s in hw)):
+            raise ValueError(f"each bucket must be an (h, w) pair of positive ints, got {hw!r}")
+        out.append((int(hw[0]), int(hw[1])))
+    if len(set(out)) != len(out):
+        raise ValueError(f"buckets must be unique, got {out}")
+    if len(out) > MAX_BUCKETS:
+        raise ValueError(f"at most {MAX_BUCKETS} buckets (ids are stored as one digit each), got {len(out)}")
+    return tuple(out)
 
 
 def bucket_name(bucket: int, scale_divisor: int = 1) -> str:

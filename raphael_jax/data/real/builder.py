@@ -1,6 +1,11 @@
 """The image_text tfds builder (array_record, no TensorFlow): sources -> filtered, bucketed, edge-mapped records.
 
-Sources, filters and the stored features: :mod:`raphael_jax.data.real.sources`.
+Sources, filters and the stored features: :mod:`raphael_jax.data.real.sources`. The buckets are the
+paper's nine (Sec. 4, :data:`~raphael_jax.data.real.buckets.BUCKETS`) divided by ``scale_divisor``,
+or a custom list of [h, w] pixel sizes (``buckets=[(64, 64)]``,
+:func:`~raphael_jax.data.real.buckets.check_buckets`); either way the build's ``metadata.json``
+records the sizes used under ``"buckets"`` (bucket id = position), which is what
+:mod:`raphael_jax.tools.precompute` reads.
 """
 
 
@@ -20,7 +25,7 @@ from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
 from raphael_jax.data.edges import get_edge_source
-from raphael_jax.data.real.buckets import BUCKETS, resize_to_bucket, scaled_buckets
+from raphael_jax.data.real.buckets import check_buckets, resize_to_bucket, scaled_buckets
 from raphael_jax.data.real.captions import CaptionFilter
 from raphael_jax.data.real.sources import IMAGE_FORMATS, encode_edges, encode_image, iter_source_examples, load_image
 
@@ -32,6 +37,7 @@ class ImageTextConfig(tfds.core.BuilderConfig):
 
     sources: tuple = ()
     scale_divisor: int = 1
+    buckets: tuple | None = None  # custom ((h, w), ...) in pixels; None: the nine / scale_divisor
     min_aesthetic: float | None = 4.7
     max_watermark: float | None = 0.5
     edge_source: str | None = "canny"
@@ -42,15 +48,21 @@ class ImageTextConfig(tfds.core.BuilderConfig):
 def make_config(sources, name: str | None = None, scale_divisor: int = 1,
                 min_aesthetic: float | None = 4.7, max_watermark: float | None = 0.5,
                 edge_source: str | None = "canny", image_format: str = "png",
-                jpeg_quality: int = 95) -> ImageTextConfig:
+                jpeg_quality: int = 95, buckets=None) -> ImageTextConfig:
     """A validated config. ``sources``: a path / glob or a list of them. The default name is
-    ``<first source's name>_d<divisor>_<hash of all settings>``."""
+    ``<first source's name>_d<divisor>_<hash of all settings>``, or with a custom ``buckets`` list
+    (e.g. ``[(64, 64)]``; only with ``scale_divisor`` 1) ``<first source's name>_b<sizes>_<hash>``."""
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     sources = tuple(os.path.abspath(os.fspath(s)) for s in sources)
     if not sources:
         raise ValueError("image_text: need at least one source")
     scaled_buckets(scale_divisor)  # validates
+    if buckets is not None:
+        buckets = check_buckets(buckets)
+        if int(scale_divisor) != 1:
+            raise ValueError(f"give either buckets or a scale_divisor other than 1, not both "
+                             f"(got scale_divisor={scale_divisor})")
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
     if edge_source is not None:
@@ -58,10 +70,18 @@ def make_config(sources, name: str | None = None, scale_divisor: int = 1,
     settings = dict(sources=sources, scale_divisor=int(scale_divisor), min_aesthetic=min_aesthetic,
                     max_watermark=max_watermark, edge_source=edge_source, image_format=image_format,
                     jpeg_quality=int(jpeg_quality))
+    if buckets is not None:  # only then, so the names of builds with the nine buckets stay as they were
+        settings["buckets"] = buckets
     if name is None:
         digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
         stem = re.sub(r"[^a-z0-9]+", "_", Path(sources[0].rstrip("/*")).name.lower()).strip("_") or "data"
-        name = f"{stem}_d{int(scale_divisor)}_{digest}"
+        if buckets is None:
+            scale = f"d{int(scale_divisor)}"
+        elif len(buckets) <= 3:
+            scale = "b" + "-".join(f"{h}x{w}" for h, w in buckets)
+        else:
+            scale = f"b{len(buckets)}"
+        name = f"{stem}_{scale}_{digest}"
     if not re.fullmatch(r"[a-zA-Z0-9_][a-zA-Z0-9_.-]*", name):
         raise ValueError(f"invalid config name {name!r} (letters, digits, _ . -)")
     return ImageTextConfig(name=name, version=ImageText.VERSION, **settings)
@@ -85,7 +105,8 @@ class ImageText(tfds.core.GeneratorBasedBuilder):
         i32, f32 = tfds.features.Scalar(dtype=np.int32), tfds.features.Scalar(dtype=np.float32)
         return tfds.core.DatasetInfo(
             builder=self,
-            description="Image-text pairs resized to RAPHAEL's nine aspect buckets (no crop), with edges.",
+            description="Image-text pairs resized to RAPHAEL's nine aspect buckets or a custom list (no crop), "
+                        "with edges.",
             features=tfds.features.FeaturesDict({
                 "image": blob, "height": i32, "width": i32, "bucket": i32, "edges": blob,
                 "caption": tfds.features.Text(), "key": tfds.features.Text(),
@@ -101,7 +122,7 @@ class ImageText(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self):
         c = self.builder_config
-        buckets = scaled_buckets(c.scale_divisor)
+        buckets = tuple(c.buckets) if c.buckets is not None else scaled_buckets(c.scale_divisor)
         edge_fn = get_edge_source(c.edge_source) if c.edge_source else None
         filt = CaptionFilter(c.min_aesthetic, c.max_watermark)
         stats: dict = {}
@@ -135,7 +156,7 @@ class ImageText(tfds.core.GeneratorBasedBuilder):
         if stats["unreadable"]:
             warnings.warn(f"image_text: skipped {stats['unreadable']} unreadable image(s), e.g. "
                           + "; ".join(bad), stacklevel=2)
-        counts = {str(b): bucket_ids.count(str(b)) for b in range(len(BUCKETS))}
+        counts = {str(b): bucket_ids.count(str(b)) for b in range(len(buckets))}
         self.info.metadata.update({
             "stats": {"kept": len(bucket_ids), **stats}, "bucket_counts": counts,
             "bucket_ids": "".join(bucket_ids), "buckets": [list(hw) for hw in buckets],
@@ -147,8 +168,8 @@ class ImageText(tfds.core.GeneratorBasedBuilder):
 def build_image_text_dataset(data_dir, sources, name: str | None = None, **kwargs) -> ImageText:
     """Build (offline; a no-op when already built) under ``data_dir`` and return the builder.
 
-    ``kwargs`` go to :func:`make_config` (scale_divisor, min_aesthetic, max_watermark, edge_source,
-    image_format, jpeg_quality). The build lands in ``data_dir/image_text/<name>/1.0.0``.
+    ``kwargs`` go to :func:`make_config` (scale_divisor or buckets, min_aesthetic, max_watermark,
+    edge_source, image_format, jpeg_quality). The build lands in ``data_dir/image_text/<name>/1.0.0``.
     """
     config = make_config(sources, name=name, **kwargs)
     builder = ImageText(config=config, data_dir=os.fspath(data_dir), file_format="array_record")

@@ -37,6 +37,10 @@ class ClipTokenizer:
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
+    def id_to_piece(self, token_id: int) -> str:
+        """The vocabulary entry of one id (``</w>`` marks a word end), e.g. for labelling region masks."""
+        return str(self.tokenizer.convert_ids_to_tokens(int(token_id)))
+
     def encode(self, texts: Sequence[str] | str, max_len: int = 77) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and attention mask, both int32 [B, max_len]; mask is 1 on SOT, tokens and EOT.
 
