@@ -56,6 +56,7 @@ setup(
             "raphael-precompute=raphael_jax.cli.precompute:main",
             "raphael-convert=raphael_jax.cli.convert:main",
             "raphael-data=raphael_jax.cli.data:main",
+            "raphael-train-vae=raphael_jax.cli.train_vae:main",
         ],
     },
 )

@@ -338,9 +338,11 @@ class Sampler:
         return self.plan.axis_size(self.plan.batch_axes())
 
     def put_batch(self, x) -> jax.Array:
-        """A host array [B, ...] (the same on every host) as a global array sharded over the batch axes."""
+        """A host array [B, ...] (the same on every host) as a global array sharded over the batch axes (replicated
+        when B does not divide over them; :meth:`generate` pads its batches so they do)."""
         x = np.asarray(x)
-        sharding = self.plan.batch_sharding(x.shape[0])
+        divides = x.shape[0] % self.batch_multiple == 0
+        sharding = self.plan.batch_sharding(x.shape[0]) if divides else self.plan.replicated()  # odd sizes: whole
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     # ------------------------------------------------------------------------------ text

@@ -222,3 +222,22 @@ def test_coco_fid_on_the_latent_run(latent_run, tmp_path, capsys):
     with Image.open(out / "images" / "00005.png") as im:  # decoded RGB, resized to 64 for the FID
         assert im.size == (64, 64) and im.text["prompt"] == captions[5]["caption"]
         assert np.asarray(im).std() > 1
+
+
+def test_tiled_decode_in_the_sampler(latent_run):
+    """Latents wider than ``sample.vae_tile`` are decoded in tiles, equal to the untiled decode."""
+    from raphael_jax.models.vae_tiling import receptive_radius, tile_layout
+    from raphael_jax.sampling import LatentDecoder, Sampler
+    from raphael_jax.train.checkpoint import load_run
+
+    sampler = Sampler.from_run(load_run(str(latent_run["work"]), weights="ema"))
+    _, z = sampler.sample(["a red box on the left"], seed=1, num_steps=2, height=WIDE[0], width=WIDE[1],
+                          return_latents=True)
+    d = sampler.decoder
+    tile = 2 * receptive_radius(d.vae.config) + 2
+    assert tile_layout(*z.shape[1:3], tile=tile, halo=receptive_radius(d.vae.config)).n_tiles > 1
+    tiled = LatentDecoder(d.vae, d.scaling_factor, d.shift_factor, tile=tile)
+    untiled = LatentDecoder(d.vae, d.scaling_factor, d.shift_factor, tile=0)
+    a, b = np.asarray(tiled(z)), np.asarray(untiled(z))
+    assert a.shape == b.shape == (1, *WIDE, 3)
+    assert np.abs(a - b).max() < 1e-3
