@@ -3,7 +3,7 @@ frozen text states of a CLIP-layout text tower, through the real image-text pipe
 
     launch/latent_shapes.sh runs/latent_shapes      # VAE -> folder -> build -> precompute -> train -> eval
 
-It proves that the latent path learns, not only runs (README "Results", docs/RESULTS.md): the same
+It proves that the latent path learns, not only runs (README "The latent shapes world", docs/RESULTS.md §6): the same
 world and the same U-Net shape as ``configs/tiny.py`` (levels 16/8/4 with 32/64/64 channels, RAPHAEL
 blocks at 8x8, 4x4 and the middle, 4 space and 4 time experts, edge heads), here on the latents of a
 64 px KL autoencoder (factor 4, ``raphael-train-vae``) and on text states of a random CLIP text tower

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The latent shapes world (README "Results", docs/RESULTS.md): proves the latent path learns.
+# The latent shapes world (README "The latent shapes world", docs/RESULTS.md section 6): proves the latent path learns.
 #
 #   launch/latent_shapes.sh OUT            # e.g. runs/latent_shapes; needs the test extra (torch) for the CLIP
 #
@@ -10,7 +10,7 @@
 #    BPE vocabulary with one token per world word (raphael_jax.tools.tiny_clip, data.shapes.clip_vocab).
 # 4. raphael-data image-text (one 64x64 bucket) -> raphael-precompute (that VAE and CLIP) ->
 #    raphael-train --config configs/latent_shapes.py -> raphael-eval alignment (200 single-object prompts).
-# Environment: NUM (16000 images), VAE_STEPS / TRAIN_STEPS (empty: the defaults), PYTHON (python).
+# Environment: NUM (12000 images), VAE_STEPS / TRAIN_STEPS (empty: the defaults), PYTHON (python).
 set -euo pipefail
 if [[ $# -ne 1 ]]; then sed -n '2,14p' "$0"; exit 2; fi
 OUT=$1
@@ -21,7 +21,7 @@ t0=$(date +%s)
 stamp() { echo "[latent_shapes] $1 after $(( $(date +%s) - t0 )) s"; }
 [[ -f "$OUT/vae/config.json" ]] || $PY -m raphael_jax.cli.train_vae --out "$OUT/vae" ${VAE_STEPS:+--steps "$VAE_STEPS"}
 stamp "autoencoder"
-[[ -f "$OUT/folder/metadata.jsonl" ]] || $PY -m raphael_jax.cli.data shapes-folder "$OUT/folder" --num "${NUM:-16000}" --image-size 64
+[[ -f "$OUT/folder/metadata.jsonl" ]] || $PY -m raphael_jax.cli.data shapes-folder "$OUT/folder" --num "${NUM:-12000}" --image-size 64
 [[ -f "$OUT/clip/config.json" ]] || $PY - "$OUT" <<'PYEOF'
 import sys
 from raphael_jax.data.shapes.clip_vocab import write_clip_vocab

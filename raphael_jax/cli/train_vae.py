@@ -2,6 +2,7 @@
 
     raphael-train-vae --out runs/vae64                  # the defaults: 64 px, latents 16x16x4
     raphael-train-vae --out runs/vae32 --image-size 32 --channels 16,32 --steps 500
+    raphael-train-vae --evaluate runs/vae64 --max-objects 1       # score a saved one (no training)
 
 Writes OUT/config.json + OUT/diffusion_pytorch_model.safetensors (read by
 ``raphael_jax.convert.load_autoencoder``, ``raphael-precompute --vae`` and diffusers) and OUT/report.json
@@ -13,9 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-# Defaults: about 10 minutes on a 2-core CPU (report.json of that run: see the module docs above).
-DEFAULTS = dict(image_size=64, steps=1200, batch_size=4, channels="16,32,64", latent_channels=4,
-                layers_per_block=1, lr=1e-3, kl_weight=1e-6, seed=0, num_eval=512, log_every=100)
+# Defaults: 12 minutes on the 2-core CPU (716 s with JAX 0.10.2; README "The latent shapes world").
+DEFAULTS = dict(image_size=64, steps=1000, batch_size=4, channels="16,32,64", latent_channels=4,
+                layers_per_block=1, lr=2e-3, kl_weight=1e-6, reconstruction="mse", l1_weight=0.1,
+                edge_weight=4.0, min_objects=1, max_objects=3, seed=0, num_eval=512, log_every=100)
 
 
 def _channels(text: str) -> tuple[int, ...]:
@@ -34,8 +36,13 @@ def main(argv=None) -> int:
         prog="raphael-train-vae",
         description="Train a KL autoencoder (diffusers AutoencoderKL architecture) on shapes-world images and "
         "save it as a diffusers save_pretrained directory, with the measured latent scaling factor.")
-    p.add_argument("--out", required=True, help="new or empty output directory (never overwritten)")
-    p.add_argument("--image-size", type=int, default=d["image_size"], help="image side in pixels (>= 32)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--out", help="new or empty output directory (never overwritten)")
+    what.add_argument("--evaluate", metavar="VAE_DIR",
+                      help="only score a saved autoencoder on held-out scenes (--num-eval, --seed, --min/max-objects, "
+                      "--image-size if given); prints JSON")
+    p.add_argument("--image-size", type=int, default=None,
+                   help=f"image side in pixels (>= 32; default {d['image_size']}, or the saved VAE's sample_size)")
     p.add_argument("--steps", type=int, default=d["steps"])
     p.add_argument("--batch-size", type=int, default=d["batch_size"])
     p.add_argument("--channels", type=_channels, default=_channels(d["channels"]),
@@ -48,13 +55,23 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=d["lr"], help="peak AdamW learning rate (warm-up, cosine decay)")
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--kl-weight", type=float, default=d["kl_weight"], help="weight of the KL term (LDM: 1e-6)")
+    p.add_argument("--reconstruction", choices=("mse", "l1"), default=d["reconstruction"],
+                   help="reconstruction error: squared (+ --l1-weight x absolute) or absolute")
+    p.add_argument("--l1-weight", type=float, default=d["l1_weight"], help="absolute-error weight added to mse")
+    p.add_argument("--edge-weight", type=float, default=d["edge_weight"],
+                   help="extra weight of pixels at shape edges (weight 1 + this; 0 for none)")
     p.add_argument("--seed", type=int, default=d["seed"])
-    p.add_argument("--min-objects", type=int, default=1)
-    p.add_argument("--max-objects", type=int, default=1)
+    p.add_argument("--min-objects", type=int, default=d["min_objects"], help="objects per training/held-out scene")
+    p.add_argument("--max-objects", type=int, default=d["max_objects"])
     p.add_argument("--num-eval", type=int, default=d["num_eval"], help="held-out images for the scaling factor, "
                    "PSNR and analyzer scores")
     p.add_argument("--log-every", type=int, default=d["log_every"])
     a = p.parse_args(argv)
+    if not 1 <= a.min_objects <= a.max_objects <= 9:
+        p.error(f"need 1 <= --min-objects <= --max-objects <= 9, got {a.min_objects}, {a.max_objects}")
+    if a.evaluate is not None:
+        return _evaluate(p, a)
+    a.image_size = d["image_size"] if a.image_size is None else a.image_size
     for flag, value, low in (("--image-size", a.image_size, 32), ("--steps", a.steps, 1),
                              ("--batch-size", a.batch_size, 1), ("--latent-channels", a.latent_channels, 1),
                              ("--layers-per-block", a.layers_per_block, 1), ("--num-eval", a.num_eval, 1),
@@ -63,8 +80,9 @@ def main(argv=None) -> int:
             p.error(f"{flag} must be at least {low}, got {value}")
     if not a.lr > 0:
         p.error(f"--lr must be positive, got {a.lr}")
-    if not a.kl_weight >= 0:
-        p.error(f"--kl-weight must be >= 0, got {a.kl_weight}")
+    for flag, value in (("--kl-weight", a.kl_weight), ("--l1-weight", a.l1_weight), ("--edge-weight", a.edge_weight)):
+        if not value >= 0:
+            p.error(f"{flag} must be >= 0, got {value}")
     factor = 2 ** (len(a.channels) - 1)
     if a.image_size % factor:
         p.error(f"--image-size {a.image_size} is not divisible by the downsampling factor {factor} of "
@@ -72,8 +90,6 @@ def main(argv=None) -> int:
     groups = a.norm_groups
     if groups is not None and (groups < 1 or any(c % groups for c in a.channels)):
         p.error(f"--norm-groups {groups} must divide every channel count {list(a.channels)}")
-    if not 1 <= a.min_objects <= a.max_objects <= 9:
-        p.error(f"need 1 <= --min-objects <= --max-objects <= 9, got {a.min_objects}, {a.max_objects}")
     out = Path(a.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         p.error(f"--out {out} exists and is not an empty directory; refusing to overwrite it")
@@ -84,8 +100,28 @@ def main(argv=None) -> int:
                       layers_per_block=a.layers_per_block, latent_channels=a.latent_channels,
                       norm_num_groups=groups, steps=a.steps, batch_size=a.batch_size, learning_rate=a.lr,
                       warmup_steps=a.warmup_steps, kl_weight=a.kl_weight, seed=a.seed,
-                      min_objects=a.min_objects, max_objects=a.max_objects, num_eval=a.num_eval,
+                      min_objects=a.min_objects, max_objects=a.max_objects, reconstruction=a.reconstruction,
+                      l1_weight=a.l1_weight, edge_weight=a.edge_weight, num_eval=a.num_eval,
                       log_every=a.log_every, verbose=True)
+    return 0
+
+
+def _evaluate(p: argparse.ArgumentParser, a) -> int:
+    import json
+
+    vae = Path(a.evaluate)
+    if not (vae / "config.json").is_file():
+        p.error(f"--evaluate {vae}: no config.json there (expected a diffusers AutoencoderKL directory)")
+    if a.num_eval < 1 or (a.image_size is not None and a.image_size < 32):
+        p.error("--evaluate needs --num-eval >= 1 and --image-size >= 32")
+    from raphael_jax.train.autoencoder import evaluate_autoencoder
+
+    try:
+        result = evaluate_autoencoder(vae, seed=a.seed, num_eval=a.num_eval, min_objects=a.min_objects,
+                                      max_objects=a.max_objects, image_size=a.image_size)
+    except ValueError as e:
+        p.error(f"--evaluate {vae}: {e}")
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -5,14 +5,18 @@ follows LDM; ``raphael_jax/models/autoencoder.py``). For the shapes world a smal
 of the same architecture is trained here, LDM-style:
 
     z ~ q(z|x) = N(mean(x), exp(logvar(x)))              (sampled during training)
-    loss = sum_pixels |decode(z) - x|  +  kl_weight * sum_latents KL(q(z|x) || N(0, I))
+    loss = sum_pixels w * rec(decode(z), x)  +  kl_weight * sum_latents KL(q(z|x) || N(0, I))
 
 both summed per image and averaged over the batch, as LDM's ``LPIPSWithDiscriminator`` does
-(without the perceptual and adversarial terms). The reconstruction term is L1 rather than MSE:
-the world's images are flat palette colours with hard edges on black, and the analyzer
-(``raphael_jax/data/shapes/analyzer.py``) classifies pixels to the nearest palette colour and reads
-kind and size from each blob's filled bounding box; L1 (a median-seeking loss) keeps edges and
-corners sharp where MSE averages them into halos, so the shapes stay legible after decoding.
+(without the perceptual and adversarial terms). ``rec`` is ``(r - x)^2 + l1_weight * |r - x|``
+(``reconstruction="mse"``, the default) or ``|r - x|`` (``"l1"``), and ``w = 1 + edge_weight`` on
+pixels within one pixel of an edge (a 3x3 window whose values span more than 0.1 in some channel),
+1 elsewhere. The world's images are flat palette colours with hard edges on black, and the analyzer
+(``raphael_jax/data/shapes/analyzer.py``) reads colour from the nearest palette entry and kind and
+size from each blob's outline and filled bounding box: a small autoencoder spends its capacity on
+the flat interiors unless the outlines weigh more. The squared error keeps the flat colours exact;
+with L1 alone the same architecture and budget stayed blurry and colour-shifted (compare
+``raphael-train-vae --reconstruction l1 --edge-weight 0`` with the defaults: docs/RESULTS.md).
 
 After training, the latent **scaling factor** is measured as Stable Diffusion did: one over the
 standard deviation of the posterior-mean latents of held-out images (shapes-world ``stream=1``,
@@ -55,10 +59,14 @@ __all__ = [
     "REPORT_FILE",
     "diffusers_config",
     "diffusers_tensors",
+    "edge_mask",
     "eval_examples",
+    "evaluate_autoencoder",
+    "held_out_scores",
     "export_diffusers",
     "kl_divergence",
     "psnr",
+    "reconstruction_error",
     "train_autoencoder",
 ]
 
@@ -148,6 +156,27 @@ def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
     return kl.reshape(kl.shape[0], -1).sum(-1)
 
 
+RECONSTRUCTIONS = ("mse", "l1")
+EDGE_THRESHOLD = 0.1  # a 3x3 window spanning more than this (images in [-1, 1]) is at an edge
+
+
+def edge_mask(x: jax.Array) -> jax.Array:
+    """[B, H, W, 1] float mask: 1 where the 3x3 window around a pixel spans > EDGE_THRESHOLD in some channel."""
+    window, strides, pad = (1, 3, 3, 1), (1, 1, 1, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+    hi = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, strides, pad)
+    lo = jax.lax.reduce_window(x, jnp.inf, jax.lax.min, window, strides, pad)
+    return jnp.any(hi - lo > EDGE_THRESHOLD, axis=-1, keepdims=True).astype(x.dtype)
+
+
+def reconstruction_error(recon: jax.Array, x: jax.Array, kind: str = "mse", l1_weight: float = 0.1,
+                         edge_weight: float = 4.0) -> jax.Array:
+    """Per-element reconstruction error (module docs): squared (+ ``l1_weight`` x absolute) or absolute,
+    weighted ``1 + edge_weight`` at the edges of ``x``."""
+    diff = recon - x
+    err = jnp.abs(diff) if kind == "l1" else jnp.square(diff) + l1_weight * jnp.abs(diff)
+    return err * (1.0 + edge_weight * edge_mask(x)) if edge_weight else err
+
+
 def psnr(reference: np.ndarray, images: np.ndarray) -> float:
     """PSNR in dB of uint8 ``images`` against uint8 ``reference``: 10 log10(255^2 / MSE), MSE over all pixels."""
     mse = float(np.mean((np.asarray(reference, np.float64) - np.asarray(images, np.float64)) ** 2))
@@ -221,6 +250,50 @@ def _in_batches(fn, params, x: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(outs)
 
 
+def _fmt_scores(s: dict) -> str:
+    return " ".join(f"{a} {s[a]:.3f}" for a in analyzer.ATTRIBUTES)
+
+
+def held_out_scores(images: np.ndarray, objects, decoded: np.ndarray) -> dict[str, Any]:
+    """PSNR of the uint8 ``decoded`` against ``images``, the analyzer's scores of both, and the kind
+    accuracy of the decoded scenes per (kind, size) of the true objects (where shapes lose their form)."""
+    keep = (*analyzer.ATTRIBUTES, "all")
+    by_shape: dict[str, list[bool]] = {}
+    for image, objs in zip(decoded, objects):
+        for obj, result in zip(objs, analyzer.analyze(image, objs)):
+            by_shape.setdefault(f"{obj.kind}/{obj.size}", []).append(bool(result["kind"]))
+    return {
+        "psnr_db": psnr(images, decoded),
+        "scores_decoded": {k: v for k, v in analyzer.score(decoded, objects).items() if k in keep},
+        "scores_original": {k: v for k, v in analyzer.score(images, objects).items() if k in keep},
+        "kind_by_shape": {k: float(np.mean(v)) for k, v in sorted(by_shape.items())},
+    }
+
+
+def evaluate_autoencoder(vae_dir: str | Path, *, seed: int = 0, num_eval: int = 512, min_objects: int = 1,
+                         max_objects: int = 1, image_size: int | None = None) -> dict[str, Any]:
+    """:func:`held_out_scores` of a saved autoencoder (diffusers layout) on ``num_eval`` held-out scenes
+    (:func:`eval_examples`; ``image_size`` defaults to the ``sample_size`` of its config), decoding the
+    posterior means; also the std of those means and 1 / std (the scaling factor training measured)."""
+    from raphael_jax.convert import load_autoencoder
+
+    vae, cfg = load_autoencoder(vae_dir)
+    if image_size is None:
+        image_size = int(json.loads((Path(vae_dir) / CONFIG_FILE).read_text()).get("sample_size") or 64)
+    images, objects = eval_examples(seed, num_eval, image_size, min_objects, max_objects)
+    graphdef, params = nnx.split(vae, nnx.Param)
+    factor = 2 ** (len(cfg.block_out_channels) - 1)
+    latent_shape = (image_size // factor, image_size // factor, cfg.latent_channels)
+    eval_batch = min(num_eval, 32)
+    encode, decode = _encode_decode_fns(graphdef, params, eval_batch, image_size, latent_shape)
+    means = _in_batches(encode, params, images, eval_batch)
+    decoded = analyzer.to_uint8(_in_batches(decode, params, means, eval_batch))
+    std = float(np.std(means.astype(np.float64)))
+    return {"vae": str(vae_dir), "seed": seed, "num_eval": num_eval, "min_objects": min_objects,
+            "max_objects": max_objects, "image_size": image_size, "latent_std": std,
+            "scaling_factor_measured": 1.0 / std, **held_out_scores(images, objects, decoded)}
+
+
 def train_autoencoder(
     out_dir: str | Path,
     *,
@@ -237,6 +310,9 @@ def train_autoencoder(
     seed: int = 0,
     min_objects: int = 1,
     max_objects: int = 1,
+    reconstruction: str = "mse",
+    l1_weight: float = 0.1,
+    edge_weight: float = 4.0,
     num_eval: int = 512,
     log_every: int = 100,
     verbose: bool = True,
@@ -272,6 +348,10 @@ def train_autoencoder(
                          f"of {len(block_out_channels)} blocks")
     if not learning_rate > 0 or not kl_weight >= 0:
         raise ValueError(f"need learning_rate > 0 and kl_weight >= 0, got {learning_rate}, {kl_weight}")
+    if reconstruction not in RECONSTRUCTIONS:
+        raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {reconstruction!r}")
+    if not l1_weight >= 0 or not edge_weight >= 0:
+        raise ValueError(f"need l1_weight >= 0 and edge_weight >= 0, got {l1_weight}, {edge_weight}")
     groups = default_norm_groups(block_out_channels) if norm_num_groups is None else int(norm_num_groups)
     cfg = AutoencoderKLConfig(block_out_channels=block_out_channels, layers_per_block=layers_per_block,
                               latent_channels=latent_channels, norm_num_groups=groups, scaling_factor=1.0)
@@ -289,9 +369,10 @@ def train_autoencoder(
         x = _to_float(images_uint8)
         dist = m.latent_dist(x)
         recon = m.decode(dist.sample(key))
-        rec = jnp.abs(recon - x).reshape(x.shape[0], -1).sum(-1).mean()
+        err = reconstruction_error(recon, x, reconstruction, l1_weight, edge_weight)
+        rec = err.reshape(x.shape[0], -1).sum(-1).mean()
         kl = kl_divergence(dist.mean, dist.logvar).mean()
-        return rec + kl_weight * kl, {"rec_l1": rec / math.prod(x.shape[1:]), "kl": kl}
+        return rec + kl_weight * kl, {"rec_l1": jnp.abs(recon - x).mean(), "kl": kl}
 
     def train_step(p, o, images_uint8, key):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, images_uint8, key)
@@ -301,7 +382,9 @@ def train_autoencoder(
     if verbose:
         print(f"raphael-train-vae: {n_params / 1e6:.2f}M parameters, channels {list(block_out_channels)}, "
               f"{image_size}px -> latents {image_size // factor}x{image_size // factor}x{latent_channels}, "
-              f"{steps} steps, batch {batch_size}, lr {learning_rate:g}, kl_weight {kl_weight:g}", flush=True)
+              f"{steps} steps, batch {batch_size}, lr {learning_rate:g}, kl_weight {kl_weight:g}, "
+              f"{reconstruction} loss (l1_weight {l1_weight:g}, edge_weight {edge_weight:g}), "
+              f"{min_objects}-{max_objects} objects", flush=True)
     data = _train_batches(seed, image_size, min_objects, max_objects, batch_size)
     base_key = jax.random.key(seed)
     batch_spec = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8)
@@ -333,18 +416,17 @@ def train_autoencoder(
     latent_std = float(np.std(means.astype(np.float64)))
     scaling_factor = 1.0 / latent_std
     decoded = analyzer.to_uint8(_in_batches(decode, params, means, eval_batch))
-    scores = {k: v for k, v in analyzer.score(decoded, objects).items() if k in (*analyzer.ATTRIBUTES, "all")}
-    ceiling = {k: v for k, v in analyzer.score(images, objects).items() if k in (*analyzer.ATTRIBUTES, "all")}
+    held_out = held_out_scores(images, objects, decoded)
     report = {
         "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "warmup_steps": warm,
-        "kl_weight": kl_weight, "seed": seed, "image_size": image_size, "min_objects": min_objects,
+        "kl_weight": kl_weight, "reconstruction": reconstruction, "l1_weight": l1_weight,
+        "edge_weight": edge_weight, "seed": seed, "image_size": image_size, "min_objects": min_objects,
         "max_objects": max_objects, "block_out_channels": list(block_out_channels),
         "layers_per_block": layers_per_block, "latent_channels": latent_channels, "norm_num_groups": groups,
         "latent_shape": list(latent_shape), "num_params": n_params,
         "train_seconds": round(train_seconds, 1), "first_loss": first_loss, "final": last,
         "scaling_factor": scaling_factor, "latent_std": latent_std, "latent_mean": float(np.mean(means)),
-        "num_eval": num_eval, "eval_stream": EVAL_STREAM, "psnr_db": psnr(images, decoded),
-        "scores_decoded": scores, "scores_original": ceiling,
+        "num_eval": num_eval, "eval_stream": EVAL_STREAM, **held_out,
     }
     model = nnx.merge(graphdef, params)
     model.config = dataclasses.replace(cfg, scaling_factor=scaling_factor)
@@ -352,9 +434,9 @@ def train_autoencoder(
     report["seconds"] = round(time.time() - t0, 1)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     if verbose:
-        fmt = lambda s: " ".join(f"{a} {s[a]:.3f}" for a in analyzer.ATTRIBUTES)  # noqa: E731
+        scores, ceiling = report["scores_decoded"], report["scores_original"]
         print(f"done in {report['seconds']:.0f} s (training {train_seconds:.0f} s): loss {first_loss:.1f} -> "
               f"{last['loss']:.1f}, scaling_factor {scaling_factor:.4f}, PSNR {report['psnr_db']:.2f} dB on "
-              f"{num_eval} held-out images\n  decoded:  {fmt(scores)}\n  original: {fmt(ceiling)}\n"
+              f"{num_eval} held-out images\n  decoded:  {_fmt_scores(scores)}\n  original: {_fmt_scores(ceiling)}\n"
               f"wrote {out} (diffusers AutoencoderKL; load with raphael_jax.convert.load_autoencoder)", flush=True)
     return report

@@ -16,7 +16,13 @@ from raphael_jax.cli.train_vae import main as train_vae_main
 from raphael_jax.convert import load_autoencoder
 from raphael_jax.data.shapes.world import example
 from raphael_jax.models.autoencoder import AutoencoderKL, AutoencoderKLConfig
-from raphael_jax.train.autoencoder import export_diffusers, train_autoencoder
+from raphael_jax.train.autoencoder import (
+    edge_mask,
+    evaluate_autoencoder,
+    export_diffusers,
+    reconstruction_error,
+    train_autoencoder,
+)
 
 NCHW_TO_NHWC = (0, 2, 3, 1)
 TINY = AutoencoderKLConfig(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
@@ -100,6 +106,46 @@ def test_training_reduces_loss_and_measures_the_scaling_factor(tmp_path):
     mse = np.mean((decoded - images.astype(np.float64)) ** 2)
     assert saved["psnr_db"] == pytest.approx(10 * np.log10(255.0**2 / mse), abs=0.05)
     assert saved["scores_original"]["colour"] == 1.0  # the ceiling: the analyzer reads the true scenes
+    by_shape = saved["kind_by_shape"]
+    assert set(by_shape) <= {f"{k}/{s}" for k in ("circle", "square", "triangle") for s in ("big", "small")}
+    assert all(0.0 <= v <= 1.0 for v in by_shape.values())
+
+    # scoring the saved files again (raphael-train-vae --evaluate) gives the report's held-out numbers
+    again = evaluate_autoencoder(out, seed=seed, num_eval=num_eval)
+    assert again["image_size"] == size
+    assert again["psnr_db"] == pytest.approx(saved["psnr_db"], abs=0.05)
+    assert again["scaling_factor_measured"] == pytest.approx(saved["scaling_factor"], rel=1e-3)
+    assert again["kind_by_shape"].keys() == by_shape.keys()
+
+
+def test_cli_evaluate_needs_a_vae_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_vae_main(["--evaluate", str(tmp_path)])
+    assert e.value.code == 2 and "no config.json there" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # one of --out / --evaluate
+        train_vae_main(["--evaluate", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and not (tmp_path / "x").exists()
+
+
+def test_edge_weighted_reconstruction_error():
+    # a 4x4 red square on black in an 12x12 image: edge pixels are the ring of pixels whose 3x3
+    # window holds both colours (the square's outer pixels and the black ones touching it)
+    x = -np.ones((1, 12, 12, 3), np.float32)
+    x[0, 4:8, 4:8, 0] = 1.0
+    want = np.zeros((12, 12), np.float32)
+    want[3:9, 3:9] = 1.0
+    want[5:7, 5:7] = 0.0  # the square's 2x2 interior sees only red
+    np.testing.assert_array_equal(np.asarray(edge_mask(jnp.asarray(x)))[0, ..., 0], want)
+
+    recon = x + 0.5  # the same error everywhere
+    mse = np.asarray(reconstruction_error(jnp.asarray(recon), jnp.asarray(x), "mse", 0.1, 4.0))
+    base = 0.25 + 0.1 * 0.5
+    np.testing.assert_allclose(mse[0, ..., 0], base * (1 + 4.0 * want), rtol=1e-6)
+    l1 = np.asarray(reconstruction_error(jnp.asarray(recon), jnp.asarray(x), "l1", 0.1, 0.0))
+    np.testing.assert_allclose(l1, 0.5, rtol=1e-6)
+    with pytest.raises(ValueError, match="reconstruction must be one of"):
+        train_autoencoder("unused", image_size=32, block_out_channels=(8, 16), steps=1, reconstruction="huber",
+                          verbose=False)
 
 
 def test_non_empty_out_dir_is_refused_untouched(tmp_path, capsys):
@@ -126,6 +172,9 @@ def test_non_empty_out_dir_is_refused_untouched(tmp_path, capsys):
     (["--image-size", "16", "--channels", "8,16"], "--image-size must be at least 32"),
     (["--norm-groups", "3"], "--norm-groups 3 must divide"),
     (["--lr", "0"], "--lr must be positive"),
+    (["--edge-weight", "-1"], "--edge-weight must be >= 0"),
+    (["--reconstruction", "huber"], "invalid choice"),
+    (["--max-objects", "12"], "--max-objects <= 9"),
 ])
 def test_cli_bad_values_exit_2(tmp_path, argv, message, capsys):
     with pytest.raises(SystemExit) as e:
