@@ -34,6 +34,7 @@ VARIANT_KEY = "variant"
 # Allowed values of the enum-like keys whose allowed sets live in modules too heavy to import
 # here (loading a config builds nothing); tests/test_config.py pins them to those modules.
 MODEL_DTYPES = ("float32", "bfloat16")                  # raphael_jax.models.unet.DTYPES
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "flash")  # raphael_jax/models/attention_kernels.py
 GATE_GRAD_MODES = ("prob", "straight_through", "none")  # raphael_jax.models.moe.GATE_GRAD_MODES
 SPACE_AVERAGES = ("real", "all")                        # raphael_jax.models.moe.SpaceMoE
 TIME_MOE_IMPLS = ("gather", "ragged")                   # raphael_jax.models.moe.TimeMoE
@@ -80,6 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.dense_ffn_mult = 0.0       # > 0: dense baseline (both MoEs -> one FFN of this width)
     m.dtype = "float32"          # compute dtype: float32 | bfloat16
     m.remat = False
+    m.attention = "auto"         # auto | xla | chunked | cudnn | flash (raphael_jax/models/attention_kernels.py)
+    m.attention_chunk = 1024     # queries per block of the chunked kernel (and cross-attention beside fused ones)
     s = m.space_moe = ml_collections.ConfigDict()
     s.enabled = True
     s.num_experts = 6            # paper: 6
@@ -452,6 +455,8 @@ def validate(config) -> None:
     _num(c, "model.ffn_mult", 0, lo_open=True)
     _num(c, "model.dense_ffn_mult", 0)
     _choice(c, "model.dtype", MODEL_DTYPES)
+    _choice(c, "model.attention", ATTENTION_IMPLS)
+    _int(c, "model.attention_chunk", 1)
     for moe in ("space_moe", "time_moe"):
         _int(c, f"model.{moe}.num_experts", 1)
         _num(c, f"model.{moe}.hidden_mult", 0, lo_open=True)

@@ -1,4 +1,5 @@
-"""Multi-head self- and cross-attention written as plain einsums (fast on XLA:CPU, shardable).
+"""Multi-head self- and cross-attention: projections as einsums (shardable), the attention itself
+by one of the kernels of ``raphael_jax/models/attention_kernels.py`` (``model.attention``).
 
 Cross-attention also returns the paper's map ``M = softmax(Q K^T / sqrt(d))`` averaged over heads,
 shape [B, n_x, n_y], softmax over the text tokens: the space-MoE region masks and the edge head
@@ -7,9 +8,9 @@ read it.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
+from raphael_jax.models.attention_kernels import dot_product_attention
 from raphael_jax.models.layers import dense, position_embedding_2d
 
 
@@ -22,13 +23,15 @@ class Attention(nnx.Module):
       context_dim: text width for cross-attention, ``None`` for self-attention.
       pos_embed: add a fixed 2D sin-cos embedding to the image queries (cross-attention only);
         needs ``spatial=(H, W)`` at call time.
+      impl, chunk: the attention kernel and its query block (``attention_kernels.dot_product_attention``).
     """
 
     def __init__(self, dim: int, num_heads: int, *, context_dim: int | None = None, pos_embed: bool = False,
-                 rngs: nnx.Rngs, dtype=None):
+                 impl: str = "xla", chunk: int = 1024, rngs: nnx.Rngs, dtype=None):
         if dim % num_heads:
             raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
+        self.impl, self.chunk = impl, chunk
         self.head_dim = dim // num_heads
         self.is_cross = context_dim is not None
         self.pos_embed = pos_embed and self.is_cross
@@ -55,10 +58,6 @@ class Attention(nnx.Module):
         q = self.q(q_in).reshape(b, n, self.num_heads, self.head_dim)
         k = self.k(kv_in).reshape(b, kv_in.shape[1], self.num_heads, self.head_dim)
         v = self.v(kv_in).reshape(b, kv_in.shape[1], self.num_heads, self.head_dim)
-        logits = jnp.einsum("bnhd,blhd->bhnl", q, k).astype(jnp.float32) / jnp.sqrt(float(self.head_dim))
-        if context_mask is not None:
-            logits = jnp.where(context_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhnl,blhd->bnhd", probs.astype(v.dtype), v).reshape(b, n, d)
-        out = self.out(out)
-        return out, (probs.mean(axis=1) if self.is_cross else None)
+        out, probs = dot_product_attention(q, k, v, context_mask, impl=self.impl, chunk=self.chunk,
+                                           need_map=self.is_cross)
+        return self.out(out.reshape(b, n, d)), probs

@@ -35,10 +35,11 @@ class RaphaelBlock(nnx.Module):
         self.self_attention = self_attention
         if self_attention:
             self.ln_self = layer_norm(dim, rngs=rngs, dtype=dtype)
-            self.attn_self = Attention(dim, heads, rngs=rngs, dtype=dtype)
+            self.attn_self = Attention(dim, heads, impl=cfg.attention, chunk=cfg.attention_chunk, rngs=rngs,
+                                       dtype=dtype)
         self.ln_cross = layer_norm(dim, rngs=rngs, dtype=dtype)
         self.attn_cross = Attention(dim, heads, context_dim=context_dim, pos_embed=cfg.pos_embed,
-                                    rngs=rngs, dtype=dtype)
+                                    impl=cfg.attention, chunk=cfg.attention_chunk, rngs=rngs, dtype=dtype)
         sm, tm = cfg.space_moe, cfg.time_moe
         self.dense_baseline = cfg.dense_ffn_mult > 0
         time_moe = space_moe = time_ffn = space_ffn = dense_ffn = None
