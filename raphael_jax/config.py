@@ -35,6 +35,7 @@ VARIANT_KEY = "variant"
 # here (loading a config builds nothing); tests/test_config.py pins them to those modules.
 MODEL_DTYPES = ("float32", "bfloat16")                  # raphael_jax.models.unet.DTYPES
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "flash")  # raphael_jax/models/attention_kernels.py
+REMAT_POLICIES = ("none", "full", "dots")  # raphael_jax/models/unet.py:REMAT_POLICIES
 GATE_GRAD_MODES = ("prob", "straight_through", "none")  # raphael_jax.models.moe.GATE_GRAD_MODES
 SPACE_AVERAGES = ("real", "all")                        # raphael_jax.models.moe.SpaceMoE
 TIME_MOE_IMPLS = ("gather", "ragged")                   # raphael_jax.models.moe.TimeMoE
@@ -80,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.ffn_mult = 4.0             # plain FFN replacing a switched-off MoE
     m.dense_ffn_mult = 0.0       # > 0: dense baseline (both MoEs -> one FFN of this width)
     m.dtype = "float32"          # compute dtype: float32 | bfloat16
-    m.remat = False
+    m.remat = "none"             # RAPHAEL-block rematerialisation: none | full (nothing saved) | dots (matmuls saved)
     m.attention = "auto"         # auto | xla | chunked | cudnn | flash (raphael_jax/models/attention_kernels.py)
     m.attention_chunk = 1024     # queries per block of the chunked kernel (and cross-attention beside fused ones)
     s = m.space_moe = ml_collections.ConfigDict()
@@ -456,6 +457,8 @@ def validate(config) -> None:
     _num(c, "model.dense_ffn_mult", 0)
     _choice(c, "model.dtype", MODEL_DTYPES)
     _choice(c, "model.attention", ATTENTION_IMPLS)
+    if not isinstance(_get(c, "model.remat"), bool):  # runs saved before the policies: True = full
+        _choice(c, "model.remat", REMAT_POLICIES)
     _int(c, "model.attention_chunk", 1)
     for moe in ("space_moe", "time_moe"):
         _int(c, f"model.{moe}.num_experts", 1)

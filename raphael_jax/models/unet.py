@@ -17,6 +17,20 @@ from raphael_jax.models.block import RaphaelBlock
 from raphael_jax.models.layers import conv, dense, group_norm, timestep_embedding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# model.remat: what a RAPHAEL block keeps for its backward pass. "full" keeps only its inputs and
+# recomputes the rest; "dots" keeps the outputs of its weight matmuls (projections, experts, FFNs)
+# and recomputes the attention maps, norms and element-wise ops (batched dots are not saved).
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def remat_policy(value):
+    """``(enabled, policy)`` for a ``model.remat`` value (True/False: runs saved before the policies)."""
+    if isinstance(value, bool):
+        value = "full" if value else "none"
+    if value not in REMAT_POLICIES:
+        raise ValueError(f"model.remat must be one of {tuple(REMAT_POLICIES)}, got {value!r}")
+    return value != "none", REMAT_POLICIES[value]
 
 
 def compute_dtype(cfg):
@@ -85,7 +99,7 @@ class RaphaelUNet(nnx.Module):
         p = cfg.patch_size
         temb_dim = 4 * ch[0]
         self.patch_size = p
-        self.remat = cfg.remat
+        self.remat, self.remat_policy = remat_policy(cfg.remat)
         self.temb_fc1 = dense(ch[0], temb_dim, ("embed", "mlp"), rngs=rngs, dtype=dtype)
         self.temb_fc2 = dense(temb_dim, temb_dim, ("mlp", "embed"), rngs=rngs, dtype=dtype)
         self.conv_in = conv(cfg.in_channels * p * p, ch[0], 3, rngs=rngs, dtype=dtype)
@@ -156,8 +170,10 @@ class RaphaelUNet(nnx.Module):
 
         def run_block(m, h):
             fn = lambda m, h, k: m(h, temb, context, context_mask, k, record_masks, with_edges)
-            if self.remat:
-                fn = nnx.remat(fn)
+            # remat in training only (the step passes the router-noise key): nothing differentiates
+            # inference, and nnx.remat cannot run on weights closed over by a scan (the DDIM loop)
+            if self.remat and key is not None:
+                fn = nnx.remat(fn, policy=self.remat_policy)
             return fn(m, h, next(keys))
 
         h = x.astype(dtype)

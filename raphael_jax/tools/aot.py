@@ -185,7 +185,8 @@ def run(config, devices: int, mesh_spec: dict, global_batch: int, hlo_out: str |
     rep = {
         "config_params": n_params, "devices": devices, "mesh": shape, "global_batch": global_batch,
         "per_device_batch": global_batch // plan.axis_size(plan.batch_axes()),
-        "dtype": config.model.dtype, "remat": bool(config.model.remat),
+        "dtype": config.model.dtype, "remat": config.model.remat, "attention": config.model.attention,
+        "attention_chunk": config.model.attention_chunk,
         "image_size": config.data.image_size,
         "params_bytes": per_device_bytes(abstract["params"], shardings["params"]),
         "ema_bytes": per_device_bytes(abstract["ema_params"], shardings["ema_params"]),
@@ -208,7 +209,8 @@ def run(config, devices: int, mesh_spec: dict, global_batch: int, hlo_out: str |
         s = config.data.image_size
         size = f"{n_params / 1e9:.3f}B" if n_params >= 1e9 else f"{n_params / 1e6:.2f}M"
         print(f"config: {size} parameters, {config.model.dtype} activations, remat "
-              f"{config.model.remat}, {s}x{s}x{config.model.in_channels} inputs, global batch {global_batch} "
+              f"{config.model.remat}, attention {config.model.attention} (chunk {config.model.attention_chunk}), "
+              f"{s}x{s}x{config.model.in_channels} inputs, global batch {global_batch} "
               f"({rep['per_device_batch']} per device)")
         print(f"mesh: {describe(mesh)}; lowered in {t_lower:.1f} s, compiled in {t_compile:.1f} s")
         print("per-device memory:")

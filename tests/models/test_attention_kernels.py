@@ -156,3 +156,48 @@ def test_unet_same_output_with_chunked_attention():
 def test_config_rejects_unknown_attention():
     with pytest.raises(ConfigError, match="model.attention"):
         load_config(os.path.join(CONFIGS, "tiny.py"), ["model.attention=splash"])
+
+
+def test_remat_policies_same_gradients_and_really_remat():
+    from raphael_jax.models.unet import remat_policy
+
+    cfg = load_config(os.path.join(CONFIGS, "tiny.py"), SMALL + ["model.remat=dots"])
+    unet = RaphaelUNet(cfg.model, rngs=nnx.Rngs(0))
+    assert unet.remat and unet.remat_policy is jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    unet.conv_out.kernel[...] = 0.1 * jax.random.normal(jax.random.key(6), unet.conv_out.kernel.shape)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    ctx = jax.random.normal(jax.random.key(4), (2, 4, 8))
+    mask = jnp.array([[1, 1, 1, 0], [1, 1, 0, 0]], bool)
+    grads, jaxprs = {}, {}
+    for name in ("none", "full", "dots"):
+        unet.remat, unet.remat_policy = remat_policy(name)
+        graphdef, params, rest = nnx.split(unet, nnx.Param, ...)
+
+        def loss(p, rest, g=graphdef):
+            out = nnx.merge(g, p, rest)(x, jnp.array([30, 700]), ctx, mask, key=jax.random.key(3), with_edges=False)
+            return jnp.sum(out ** 2)
+
+        jaxprs[name] = str(jax.make_jaxpr(jax.grad(loss))(params, rest))
+        grads[name] = jax.tree.leaves(jax.jit(jax.grad(loss))(params, rest))
+    assert "remat" not in jaxprs["none"] and "checkpoint" not in jaxprs["none"]
+    for name in ("full", "dots"):
+        assert "remat" in jaxprs[name] or "checkpoint" in jaxprs[name]
+        for a, b in zip(grads["none"], grads[name]):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert max(float(jnp.abs(g).max()) for g in grads["none"]) > 1e-3
+    assert remat_policy(True) == remat_policy("full") and remat_policy(False) == (False, None)  # runs saved before
+    # inference (no key) runs the plain blocks, also inside a scan over closed-over weights (the DDIM loop)
+    graphdef, state = nnx.split(unet)
+    t = jnp.array([30, 700])
+    step = lambda c, _: (c + 0.1 * nnx.merge(graphdef, state)(c, t, ctx, mask, with_edges=False), None)
+    assert np.isfinite(np.asarray(jax.jit(lambda x: jax.lax.scan(step, x, None, length=2)[0])(x))).all()
+
+
+def test_config_remat_values():
+    from raphael_jax import config
+    from raphael_jax.models import unet
+
+    assert tuple(unet.REMAT_POLICIES) == config.REMAT_POLICIES  # models may not import the config module
+    load_config(os.path.join(CONFIGS, "tiny.py"), ["model.remat=full"])
+    with pytest.raises(ConfigError, match="model.remat"):
+        load_config(os.path.join(CONFIGS, "tiny.py"), ["model.remat=True"])  # a string field: the raw text

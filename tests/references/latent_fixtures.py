@@ -7,7 +7,7 @@ import numpy as np
 # configs/small_latent.py shrunk to a few RAPHAEL blocks (with MoEs and edge heads) on one device.
 LATENT_SMALL = ["model.channels=(16, 32)", "model.block_levels=(0, 1)", "model.self_attention_levels=(0, 0)",
                 "model.num_res_blocks=1", "model.mid_block=False", "model.head_dim=16", "model.norm_groups=8",
-                "model.remat=False", "model.space_moe.num_experts=2", "model.space_moe.gate_hidden=16",
+                "model.remat=none", "model.space_moe.num_experts=2", "model.space_moe.gate_hidden=16",
                 "model.space_moe.hidden_mult=1.0", "model.time_moe.num_experts=2",
                 "model.time_moe.gate_hidden=16", "model.time_moe.hidden_mult=1.0", "model.edge.channels=4",
                 "model.edge.num_layers=2", "text.width=32", "model.context_dim=32", "train.batch_size=3",
