@@ -253,10 +253,12 @@ class Point:
 
 
 def attention_in_effect(cfg) -> str:
-    from raphael_jax.models.attention_kernels import resolve_impl
+    from raphael_jax.models.attention_kernels import BLOCKED_MIN_MAP, resolve_impl
 
     dtype = cfg.model.dtype
     self_impl = resolve_impl(cfg.model.attention, dtype, need_map=False)
+    if self_impl != resolve_impl(cfg.model.attention, dtype, need_map=False, map_size=1):
+        self_impl += f" from {BLOCKED_MIN_MAP} logits per (batch, head) map, xla below"
     cross_impl = resolve_impl(cfg.model.attention, dtype, need_map=True)
     chunk = f", chunk {cfg.model.attention_chunk}" if "chunked" in (self_impl, cross_impl) else ""
     return (f"model.attention={cfg.model.attention} (runs: self-attention {self_impl}, "

@@ -34,7 +34,7 @@ VARIANT_KEY = "variant"
 # Allowed values of the enum-like keys whose allowed sets live in modules too heavy to import
 # here (loading a config builds nothing); tests/test_config.py pins them to those modules.
 MODEL_DTYPES = ("float32", "bfloat16")                  # raphael_jax.models.unet.DTYPES
-ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn", "flash")  # raphael_jax/models/attention_kernels.py
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "blocked", "cudnn", "flash")  # raphael_jax/models/attention_kernels.py
 REMAT_POLICIES = ("none", "full", "dots")  # raphael_jax/models/unet.py:REMAT_POLICIES
 GATE_GRAD_MODES = ("prob", "straight_through", "none")  # raphael_jax.models.moe.GATE_GRAD_MODES
 SPACE_AVERAGES = ("real", "all")                        # raphael_jax.models.moe.SpaceMoE
@@ -82,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.dense_ffn_mult = 0.0       # > 0: dense baseline (both MoEs -> one FFN of this width)
     m.dtype = "float32"          # compute dtype: float32 | bfloat16
     m.remat = "none"             # RAPHAEL-block rematerialisation: none | full (nothing saved) | dots (matmuls saved)
-    m.attention = "auto"         # auto | xla | chunked | cudnn | flash (raphael_jax/models/attention_kernels.py)
+    m.attention = "auto"         # auto|xla|chunked|blocked|cudnn|flash (raphael_jax/models/attention_kernels.py)
     m.attention_chunk = 1024     # queries per block of the chunked kernel (and cross-attention beside fused ones)
     s = m.space_moe = ml_collections.ConfigDict()
     s.enabled = True

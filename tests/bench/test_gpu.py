@@ -1,6 +1,5 @@
 """``bench/gpu.py``: the package check and its one-line message, the batch search, the peak table, the
 fused-attention FLOP estimate, ``bench/gpu.sh``'s carried wheels, and the ``--dry-run`` end to end on CPU."""
-import importlib.util
 import json
 import math
 import os
@@ -12,17 +11,11 @@ import time
 import zipfile
 
 import pytest
+from scriptload import load_script
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SCRIPT = os.path.join(ROOT, "bench", "gpu.py")
 WRAPPER = os.path.join(ROOT, "bench", "gpu.sh")
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_bench_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _env(**extra) -> dict:
@@ -34,14 +27,14 @@ def _env(**extra) -> dict:
 # --- packages ---------------------------------------------------------------------------------
 
 def test_missing_modules_finds_only_the_absent_one():
-    bench = _load()
+    bench = load_script("gpu")
     req = [("os", "os", True), ("raphael_no_such_module_4711", "raphael-no-such-pkg", True)]
     assert bench.missing_modules(req) == [("raphael_no_such_module_4711", "raphael-no-such-pkg", True)]
     assert bench.missing_modules([("json", "json", True)]) == []
 
 
 def test_missing_message_is_one_line_with_the_recipe():
-    bench = _load()
+    bench = load_script("gpu")
     msg = bench.missing_message([("fake_pure_mod", "fake-pure>=1,<2", True), ("fake_bin_mod", "fake-bin", False)],
                                 python="3.12", machine="x86_64")
     assert "\n" not in msg
@@ -55,7 +48,7 @@ def test_missing_message_is_one_line_with_the_recipe():
 def test_required_modules_cover_the_train_and_sampling_chain():
     """Every third-party top-level module the benchmark's import chain loads is in REQUIRED (or comes with jax,
     flax or optax), so a bare image fails at the check, not halfway through the run."""
-    bench = _load()
+    bench = load_script("gpu")
     # IPython blocked: treescope (a flax dependency) imports it when present, with a dozen modules of its own
     code = ("import sys; sys.modules['IPython'] = None; import jax, flax, optax, numpy, flax.nnx; "
             "base = {m.split('.')[0] for m in sys.modules}; "
@@ -113,7 +106,7 @@ GIB = 2**30
 
 
 def test_search_batch_takes_the_largest_that_fits_and_skips_by_the_lower_bound():
-    bench = _load()
+    bench = load_script("gpu")
     compiled, ran, ooms = [], [], []
     # state 10 GiB; temporaries 6 GiB per sample: 32 -> 202 GiB, 16 -> 106, 8 -> 58 (but OOM at run), 4 -> 34
     limit = 100 * GIB
@@ -143,7 +136,7 @@ def test_search_batch_takes_the_largest_that_fits_and_skips_by_the_lower_bound()
 
 
 def test_search_batch_without_a_limit_runs_the_largest_and_stops_when_time_runs_out():
-    bench = _load()
+    bench = load_script("gpu")
     compiled = []
 
     def compile_fn(b):
@@ -163,7 +156,7 @@ def test_search_batch_without_a_limit_runs_the_largest_and_stops_when_time_runs_
 
 
 def test_search_batch_raises_errors_that_are_not_out_of_memory():
-    bench = _load()
+    bench = load_script("gpu")
 
     def compile_fn(b):
         raise ValueError("a bug, not memory")
@@ -180,13 +173,13 @@ def test_search_batch_raises_errors_that_are_not_out_of_memory():
     ("NVIDIA H20", 148), ("NVIDIA L40S", 362),
 ])
 def test_peak_table(kind, tflops):
-    bench = _load()
+    bench = load_script("gpu")
     peak, _ = bench.peak_flops(kind, None, dry_run=False)
     assert peak == pytest.approx(tflops * 1e12)
 
 
 def test_peak_unknown_and_override():
-    bench = _load()
+    bench = load_script("gpu")
     assert bench.peak_flops("Some Future GPU", None, dry_run=False)[0] is None
     assert bench.peak_flops("Some Future GPU", 500.0, dry_run=False)[0] == pytest.approx(5e14)
     peak, src = bench.peak_flops("cpu", None, dry_run=True)
@@ -196,7 +189,7 @@ def test_peak_unknown_and_override():
 def test_fused_attention_flops_of_the_3b_layout():
     from raphael_jax.config import load_config
 
-    bench = _load()
+    bench = load_script("gpu")
     cfg = load_config(os.path.join(ROOT, "configs", "raphael_3b.py"))
     # 80x80 latents: levels of 6400 / 1600 / 400 / 100 positions at widths 384 / 768 / 1536 / 1536; RAPHAEL
     # blocks on levels 0-2 (2 down + 3 up each) and one in the middle (level 3); self-attention everywhere
@@ -205,7 +198,7 @@ def test_fused_attention_flops_of_the_3b_layout():
 
 
 def test_out_paths():
-    bench = _load()
+    bench = load_script("gpu")
     assert bench.out_paths("/x/r.md", False) == ("/x/r.md", "/x/r.json")
     assert bench.out_paths("/x/dir", True) == ("/x/dir/gpu.md", "/x/dir/gpu.json")
     md, js = bench.out_paths(None, True)

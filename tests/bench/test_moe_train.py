@@ -1,11 +1,11 @@
 """``bench/moe_train.py``: argument checks, and a smoke run at the smallest settings writing its markdown report."""
-import importlib.util
 import math
 import os
 import subprocess
 import sys
 
 import pytest
+from scriptload import load_script
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SCRIPT = os.path.join(ROOT, "bench", "moe_train.py")
@@ -14,15 +14,8 @@ SMALLEST = ["model.channels=(8,)", "model.block_levels=(1,)", "model.self_attent
             "model.head_dim=8", "text.width=16", "model.context_dim=16", "text.num_layers=1", "train.batch_size=2"]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("moe_train_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_rejects_bad_arguments():
-    bench = _load()
+    bench = load_script("moe_train")
     with pytest.raises(SystemExit, match="experts=0 is a baseline"):
         bench.main(["--experts", "0,2"])
     with pytest.raises(SystemExit, match="repeat"):

@@ -1,5 +1,4 @@
 """``bench/scaling.py``: the power-law fit, and a small end-to-end run writing its markdown and JSON reports."""
-import importlib.util
 import json
 import math
 import os
@@ -9,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from scriptload import load_script
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SCRIPT = os.path.join(ROOT, "bench", "scaling.py")
@@ -21,13 +21,6 @@ SMALL = ["model.channels=(8, 16)", "model.block_levels=(0, 1)", "model.self_atte
          "model.edge.channels=4", "model.edge.num_layers=2", "model.attention=chunked"]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("scaling_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _slope_by_formula(xs, ys) -> float:
     """The least-squares slope of log y on log x as cov / var (independent of the script's lstsq)."""
     lx, ly = np.log(np.asarray(xs, float)), np.log(np.asarray(ys, float))
@@ -36,7 +29,7 @@ def _slope_by_formula(xs, ys) -> float:
 
 @pytest.mark.parametrize("exponent,prefactor", [(1.7, 3.5), (2.0, 1e-3), (0.5, 40.0), (-1.0, 2.0), (4.0, 1e-9)])
 def test_fit_recovers_known_power_law(exponent, prefactor):
-    bench = _load()
+    bench = load_script("scaling")
     xs = [32, 64, 128, 256]
     ys = [prefactor * x**exponent for x in xs]
     fit = bench.fit_power_law(xs, ys)
@@ -48,7 +41,7 @@ def test_fit_recovers_known_power_law(exponent, prefactor):
 
 
 def test_fit_is_least_squares_on_log_log():
-    bench = _load()
+    bench = load_script("scaling")
     rng = np.random.default_rng(3)
     xs = np.array([4.0, 8.0, 16.0, 32.0, 64.0])
     ys = 0.2 * xs**1.3 * np.exp(rng.normal(0, 0.1, xs.shape))  # multiplicative noise
@@ -67,13 +60,13 @@ def test_fit_is_least_squares_on_log_log():
                                    ([32, 64], [1.0, -2.0]), ([32, 64], [1.0, float("nan")]),
                                    ([0, 64], [1.0, 2.0]), ([32, 64, 128], [1.0, 2.0])])
 def test_fit_rejects_what_it_cannot_fit(xs, ys):
-    bench = _load()
+    bench = load_script("scaling")
     with pytest.raises(ValueError):
         bench.fit_power_law(xs, ys)
 
 
 def test_points_are_measured_once_and_arguments_parsed():
-    bench = _load()
+    bench = load_script("scaling")
     assert bench.points_of([32, 64, 128], 8, [4, 8, 16, 32], 32) == \
         [(32, 8), (64, 8), (128, 8), (32, 4), (32, 16), (32, 32)]
     assert bench.parse_ints("16, 32", "--sizes") == [16, 32]

@@ -1,25 +1,18 @@
 """``bench/vs_diffusers.py``: the matched shapes, and a tiny end-to-end run writing its markdown report."""
-import importlib.util
 import math
 import os
 import subprocess
 import sys
 
 import pytest
+from scriptload import load_script
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SCRIPT = os.path.join(ROOT, "bench", "vs_diffusers.py")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("vs_diffusers_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_parse_shapes():
-    bench = _load()
+    bench = load_script("vs_diffusers")
     assert bench.parse_shapes("32x32:32,64x64:4") == [(32, 32), (64, 4)]
     with pytest.raises(SystemExit, match="square"):
         bench.parse_shapes("32x64:2")
@@ -29,7 +22,7 @@ def test_parse_shapes():
 
 @pytest.mark.parametrize("small", [False, True])
 def test_diffusers_heads_have_our_head_width(small):
-    bench = _load()
+    bench = load_script("vs_diffusers")
     d = bench.dims(small)
     kw = bench.diffusers_kwargs(32, d)
     # diffusers reads attention_head_dim as the number of heads per level
@@ -64,6 +57,11 @@ def test_tiny_run_writes_report(tmp_path):
     p_ours, p_theirs = float(ours[2]), float(theirs[2])
     assert p_ours > 0 and p_theirs > 0
     assert abs(p_ours - p_theirs) / p_theirs <= 0.10
+    # 16 x 16 self-attention runs the looping ``blocked`` kernel here, whose body XLA counts once: our FLOPs
+    # come from the loop-free twin, so they are of the size of diffusers' (which count matmuls, convolutions
+    # and attention only; ours count every op)
+    assert "counted on the model.attention=xla twin" in proc.stderr + proc.stdout
+    assert 0.9 <= float(ours[3]) / float(theirs[3]) <= 1.5, (ours[3], theirs[3])
     for row in (ours, theirs):
         assert float(row[3]) > 0 and float(row[6]) > 0         # train / sample GFLOP
         assert float(row[4]) > 0 and float(row[7]) > 0         # median ms

@@ -1,6 +1,6 @@
 """The attention kernels (raphael_jax/models/attention_kernels.py) against the materialised ``xla`` form.
 
-``chunked`` and the Pallas TPU ``flash`` kernel (in Pallas' TPU interpret mode on CPU) must give the
+``chunked``, ``blocked`` and the Pallas TPU ``flash`` kernel (in Pallas' TPU interpret mode on CPU) must give the
 same outputs, head-averaged maps and gradients as ``xla``; ``chunked`` must also bound the compiled
 memory of a training step; the U-Net must give the same output with either kernel. ``cudnn`` needs an
 NVIDIA GPU: here only its selection is tested (bench/gpu.py checks its values on a GPU).
@@ -64,6 +64,29 @@ def test_chunked_equals_xla_and_reference(n, n_kv, chunk, masked):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_blocked_equals_reference_and_xla_gradients(dtype):
+    q, k, v, mask = _qkv(2, 37, 19, 3, 8, seed=2, mask_frac=0.3)
+    mask = mask.at[1, :].set(False)  # a sample with no real key: uniform rows, and no gradient to its keys
+    want_out, _ = _reference(q, k, v, mask.at[1, :].set(True))
+    want_out[1] = np.asarray(v[1], np.float64).mean(0)  # no key: the uniform average, as ``xla`` gives
+    q, k, v = (a.astype(dtype) for a in (q, k, v))
+    out, probs = dot_product_attention(q, k, v, mask, impl="blocked")
+    assert probs is None and out.dtype == dtype
+    tol = 2e-5 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(np.asarray(out, np.float32), want_out, atol=tol, rtol=tol)
+    for m in (mask, None):
+        def loss(impl, q, k, v, m=m):
+            return jnp.sum(jnp.sin(dot_product_attention(q, k, v, m, impl=impl)[0].astype(jnp.float32)))
+
+        g_blk = jax.grad(lambda *a: loss("blocked", *a), argnums=(0, 1, 2))(q, k, v)
+        g_xla = jax.grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2))(q, k, v)
+        assert max(float(jnp.abs(g.astype(jnp.float32)).max()) for g in g_xla) > 1e-2
+        for a, b in zip(g_blk, g_xla, strict=True):
+            assert a.dtype == dtype
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol, rtol=tol)
+
+
 def _temp_bytes(impl, n, chunk):
     q, k, v, _ = _qkv(4, n, n, 2, 16)
 
@@ -77,9 +100,11 @@ def test_chunked_bounds_the_training_memory():
     # the materialised probabilities of one forward+backward: 4 x 2 x 2048 x 2048 float32 = 128 MiB each
     n, chunk = 2048, 128
     full, chunked = _temp_bytes("xla", n, chunk), _temp_bytes("chunked", n, chunk)
+    blocked = _temp_bytes("blocked", n, chunk)
     one_map = 4 * 2 * n * n * 4
     assert full >= one_map, (full, one_map)
     assert chunked < one_map / 4, (chunked, one_map)
+    assert blocked < 3 * one_map / 8, (blocked, one_map)  # a few maps of one (batch, head) pair of the 8
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -104,7 +129,12 @@ def test_flash_pallas_interpret_equals_xla(masked):
 
 def test_implementation_selection():
     bf16, f32 = jnp.bfloat16, jnp.float32
-    assert resolve_impl("auto", f32, "cpu") == "xla"
+    assert resolve_impl("auto", f32, "cpu") == "blocked"
+    assert resolve_impl("auto", f32, "cpu", map_size=128 * 128) == "blocked"
+    assert resolve_impl("auto", f32, "cpu", map_size=64 * 64) == "xla"  # small maps: the loop costs more
+    assert resolve_impl("auto", f32, "cpu", need_map=True) == "xla"  # cross-attention keeps M
+    assert resolve_impl("blocked", f32, "cpu", need_map=True) == "chunked"
+    assert resolve_impl("blocked", bf16, "gpu") == "blocked"  # runs anywhere
     assert resolve_impl("auto", bf16, "gpu") == "cudnn"
     assert resolve_impl("auto", f32, "gpu") == "xla"           # cuDNN's flash kernel takes 16-bit inputs
     assert resolve_impl("auto", f32, "tpu") == "flash"
