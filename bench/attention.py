@@ -3,8 +3,8 @@
     python bench/attention.py --note "nothing else ran"                   # B32 N1024 H4 D16: vs_diffusers' shape
     python bench/attention.py --shape 2x64x2x8 --rounds 2 --out /tmp/a.md  # smoke test (tests/bench)
 
-Each kernel of ``raphael_jax/models/attention_kernels.py`` that runs on CPU (``xla``, ``chunked`` with
-``--chunk`` queries per block, ``blocked``) computes ``grad(sum(attention(q, k, v)^2))`` for q, k, v
+Each kernel of ``raphael_jax/models/attention_kernels.py`` that runs on CPU (``xla``, ``chunked`` and
+``blocked`` with ``--chunk`` queries per block) computes ``grad(sum(attention(q, k, v)^2))`` for q, k, v
 [B, N, H, D] float32, jitted; torch computes the same with ``scaled_dot_product_attention`` (its fused
 CPU kernel) and with the explicit softmax, both limited to ``--threads`` threads. The gradients are
 checked against ``xla`` (largest absolute difference reported) before timing. After one warm-up call
@@ -42,7 +42,7 @@ def jax_variants(q, k, v, chunk: int) -> dict:
 
         compiled = jax.jit(grads).lower(q, k, v).compile()
         temp = compiled.memory_analysis().temp_size_in_bytes
-        out[f"jax {impl}" + (f" (chunk {chunk})" if impl == "chunked" else "")] = (
+        out[f"jax {impl}" + (f" (chunk {chunk})" if impl != "xla" and chunk < q.shape[1] else "")] = (
             lambda c=compiled: [np.asarray(g) for g in jax.block_until_ready(c(q, k, v))], temp)
     return out
 
@@ -67,7 +67,8 @@ def torch_variants(qn, kn, vn, threads: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="32x1024x4x16", help="BxNxHxD")
-    p.add_argument("--chunk", type=int, default=256, help="queries per block of the chunked kernel")
+    p.add_argument("--chunk", type=int, default=1024, help="queries per block of chunked / blocked "
+                   "(model.attention_chunk; its default)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (XLA uses all cores)")
     p.add_argument("--no-torch", action="store_true", help="skip torch (not installed)")

@@ -162,6 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
     tr.sample_every = 1000        # 0 = no sample previews
     tr.max_to_keep = 2
     tr.init_from = ""             # workdir whose latest params/EMA initialize a new run (curricula)
+    tr.max_nonfinite_steps = 20   # stop after this many steps in a row with a non-finite loss or gradient
 
     # --- scale-out (raphael_jax.parallel, docs/SCALE_OUT.md) ------------------------------
     p = c.parallel = ml_collections.ConfigDict()
@@ -535,6 +536,7 @@ def validate(config) -> None:
     _int(c, "train.checkpoint_every", 1)
     _int(c, "train.sample_every", 0)
     _int(c, "train.max_to_keep", 1)
+    _int(c, "train.max_nonfinite_steps", 1)
     if not isinstance(_get(c, "train.init_from"), str):
         _fail("train.init_from", c.train.init_from, "must be a workdir path string ('' = none)")
 

@@ -1,11 +1,18 @@
 """``raphael-train --config configs/tiny.py[:variant] --workdir DIR [--set key=value ...]``.
 
-Trains (resuming from the workdir's latest checkpoint) with :func:`raphael_jax.train.loop.train_and_evaluate`;
-``jax.distributed`` is initialized from the environment first (pods, SLURM, launch/local_multihost.sh).
+Trains (resuming from the workdir's newest intact checkpoint) with
+:func:`raphael_jax.train.loop.train_and_evaluate`; ``jax.distributed`` is initialized from the environment
+first (pods, SLURM, launch/local_multihost.sh).
+
+Exit status: 0 done; 2 bad input (config, flags, a workdir trained with another config, nothing intact
+to resume), one line on stderr; 1 the run failed (non-finite steps); 128 + N stopped by signal N after
+saving a checkpoint (143 SIGTERM, 130 Ctrl-C): a scheduler requeues it and the same command resumes.
+``--debug`` shows the traceback instead of the one line.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def main(argv=None) -> int:
@@ -16,14 +23,34 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.num_steps=100")
     p.add_argument("--steps", type=int, default=None, help="stop at this step (default train.num_steps)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume a workdir with a config that differs in more than steps / intervals / sampling")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args = p.parse_args(argv)
-    from raphael_jax.config import load_config
+    from raphael_jax.config import ConfigError, load_config
     from raphael_jax.parallel.distributed import maybe_initialize
-    from raphael_jax.train.loop import train_and_evaluate
+    from raphael_jax.train.loop import ConfigMismatchError, NonFiniteError, train_and_evaluate
+    from raphael_jax.train.preemption import Preempted
 
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be a positive step number, got {args.steps}")
     maybe_initialize()
-    config = load_config(args.config, args.set)
-    train_and_evaluate(config, args.workdir, num_steps=args.steps)
+    try:
+        config = load_config(args.config, args.set)
+        train_and_evaluate(config, args.workdir, num_steps=args.steps, allow_config_change=args.allow_config_change)
+    except Preempted as e:
+        print(str(e), file=sys.stderr, flush=True)
+        return e.exit_code
+    except (ConfigError, ConfigMismatchError, FileNotFoundError, NotADirectoryError) as e:
+        if args.debug:
+            raise
+        print(f"raphael-train: error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+        return 2
+    except NonFiniteError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

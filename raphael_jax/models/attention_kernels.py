@@ -13,11 +13,13 @@ Implementations (``model.attention``):
   block rematerialised in the backward pass (``jax.checkpoint``), so the live attention memory is
   O(B H chunk L) in training and inference. Runs on every backend; the CPU fallback and the
   reference the fused kernels are tested against (tests/models/test_attention_kernels.py).
-* ``blocked``: one (batch, head) pair at a time (``lax.map``) with a flash-style custom VJP: the forward
-  keeps only the output and each row's max and normaliser, the backward recomputes one pair's
-  probabilities at a time (dS = P * (dP - rowsum(dO * O)), as in FlashAttention's backward). Memory
-  O(N L) in flight and O(B H N) saved; on CPUs it is 2.5x faster than ``xla`` forward + backward, since
-  each pair's map stays in cache (bench/attention.py). Self-attention only, like the fused kernels.
+* ``blocked``: one (batch, head) pair at a time (``lax.map``), in blocks of queries of about 2^20 logits
+  (at most ``model.attention_chunk`` queries), with a flash-style custom VJP: the forward keeps only the
+  output and each row's max and normaliser, the backward recomputes one block's probabilities at a
+  time (dS = P * (dP - rowsum(dO * O)), as in FlashAttention's backward). Memory: one block's logits in
+  flight, O(B H N) saved. On CPUs 2-2.5x faster than ``xla`` forward + backward, since each block's map
+  stays in cache (bench/attention.py, bench/results/attention.md). Self-attention only, like the fused
+  kernels.
 * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused flash kernel on
   NVIDIA GPUs (bfloat16 / float16 inputs).
 * ``flash``: the Pallas TPU flash-attention kernel (``jax.experimental.pallas.ops.tpu``); tested on
@@ -43,6 +45,7 @@ __all__ = ["ATTENTION_IMPLS", "dot_product_attention", "resolve_impl"]
 _FUSED = ("cudnn", "flash", "blocked")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "blocked", "cudnn", "flash")  # = config.ATTENTION_IMPLS (tested)
 FLASH_BLOCK = 128
+BLOCKED_MAP = 1 << 20  # blocked: queries per block such that one block's logits are ~4 MiB (cache-sized)
 BLOCKED_MIN_MAP = 128 * 128  # auto runs ``blocked`` on CPUs from this many logits per (batch, head) pair
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -164,13 +167,20 @@ def _blocked_bwd(res, d_out):
 _blocked_pairs.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-def _blocked(q, k, v, mask):
+def _blocked(q, k, v, mask, chunk: int):
+    """Pairs of (batch, head), and within a pair blocks of queries (each block sees every key): ``chunk``
+    queries at most, fewer when the keys are many, so that a block holds about ``BLOCKED_MAP`` logits."""
     b, n, h, d = q.shape
     n_kv = k.shape[1]
+    c = max(1, min(int(chunk), n, max(8, BLOCKED_MAP // n_kv // 8 * 8)))
+    nb = -(-n // c)  # query blocks per pair
+    pad = nb * c - n
     fold = lambda x: x.swapaxes(1, 2).reshape(b * h, x.shape[1], d)  # noqa: E731  [B*H, tokens, D]
+    qf = jnp.pad(fold(q), ((0, 0), (0, pad), (0, 0))).reshape(b * h * nb, c, d)
+    kf, vf = (jnp.repeat(fold(x), nb, axis=0) for x in (k, v))  # every block of a pair sees its keys
     valid = jnp.ones((b, n_kv), jnp.float32) if mask is None else mask.astype(jnp.float32)
-    valid = jnp.broadcast_to(valid[:, None, :], (b, h, n_kv)).reshape(b * h, n_kv)
-    out = _blocked_pairs(fold(q), fold(k), fold(v), valid)
+    valid = jnp.repeat(jnp.broadcast_to(valid[:, None, :], (b, h, n_kv)).reshape(b * h, n_kv), nb, axis=0)
+    out = _blocked_pairs(qf, kf, vf, valid).reshape(b * h, nb * c, d)[:, :n]
     return out.reshape(b, h, n, d).swapaxes(1, 2)
 
 
@@ -212,7 +222,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     if impl == "chunked":
         return _chunked(q, k, v, mask, need_map, chunk)
     if impl == "blocked":
-        return _blocked(q, k, v, mask), None
+        return _blocked(q, k, v, mask, chunk), None
     if impl == "cudnn":
         return _cudnn(q, k, v, mask), None
     return _flash(q, k, v, mask), None

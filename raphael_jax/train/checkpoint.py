@@ -3,12 +3,22 @@
 Layout under ``<workdir>/checkpoints/<step>/``: ``state`` (params, EMA, optimizer, step, RNG;
 ``StandardSave``, restored onto any sharding), ``data`` (the input iterator's JSON state) and
 ``config`` (the run's config as JSON). Every process takes part in every save.
+
+orbax writes each checkpoint into a temporary folder and renames it when complete, so a process killed
+mid-save leaves no half checkpoint under its step number. A step folder damaged afterwards (files
+deleted or truncated by hand, a full disk, a bad copy) is detected when it is read: the trainer and
+the sampling commands warn with its step, move it to ``<workdir>/checkpoints_damaged/`` (never delete
+it) and use the newest intact one (:meth:`RunCheckpoints.restore_config_intact`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import shutil
+import sys
+import time
 from typing import Any
 
 import jax
@@ -24,14 +34,28 @@ from raphael_jax.models.raphael import RaphaelModel
 from raphael_jax.train.state import split_model
 
 
+class _QuietPartialRestore(logging.Filter):
+    """Drops orbax's warning for every item a restore leaves out on purpose (reading a run's config or data
+    position without its state prints one per call otherwise)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "was found in the checkpoint, but could not be restored" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietPartialRestore())
+
+
 class RunCheckpoints:
     """Thin wrapper over ``ocp.CheckpointManager`` for one workdir."""
 
     def __init__(self, workdir: str, max_to_keep: int = 2, async_save: bool = True):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-        opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                            enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "config"), options=opts)
+        self._opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                  enable_async_checkpointing=async_save)
+        self.manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(self.directory, item_names=("state", "data", "config"), options=self._opts)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -58,10 +82,87 @@ class RunCheckpoints:
         out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return from_saved(out["config"])
 
+    def check_step(self, step: int) -> None:
+        """Raise ``DamagedCheckpointError`` unless ``step``'s folder holds every item with its files intact.
+
+        Cheap: reads the config and data items and the state's metadata, and checks that every file the
+        state's array store lists exists with a size matching its manifest (truncated files fail)."""
+        root = os.path.join(self.directory, str(step))
+        try:
+            for item in ("state", "data", "config"):
+                if not os.path.isdir(os.path.join(root, item)):
+                    raise DamagedCheckpointError(f"item {item!r} missing")
+            self.restore_config(step)
+            self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+            self.manager.item_metadata(step)["state"]  # noqa: B018 - parses the state's tree metadata
+            _check_files(os.path.join(root, "state"))
+        except DamagedCheckpointError as e:
+            raise DamagedCheckpointError(f"checkpoint at step {step} in {self.directory} is damaged: {e}") from None
+        except Exception as e:  # noqa: BLE001 - orbax / tensorstore / json raise many kinds on damaged files
+            raise DamagedCheckpointError(f"checkpoint at step {step} in {self.directory} is damaged: "
+                                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+    def move_aside(self, step: int) -> str:
+        """Move step ``step``'s folder to ``<workdir>/checkpoints_damaged/<step>-<time>``; returns the new path."""
+        dest_root = os.path.join(os.path.dirname(self.directory), "checkpoints_damaged")
+        os.makedirs(dest_root, exist_ok=True)
+        dest = os.path.join(dest_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(os.path.join(self.directory, str(step)), dest)
+        self.manager.close()
+        self.manager = self._open()  # forget the moved step
+        return dest
+
+    def newest_intact_step(self, *, move: bool = True) -> int:
+        """The newest step whose checkpoint passes :meth:`check_step`; damaged newer ones are reported on
+        stderr and (``move``) moved aside. ``FileNotFoundError`` when there is none (or nothing intact)."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        damaged = []
+        for step in steps:
+            try:
+                self.check_step(step)
+            except DamagedCheckpointError as e:
+                damaged.append(step)
+                where = ""
+                if move and jax.process_index() == 0:
+                    where = f"; moved to {self.move_aside(step)}"
+                print(f"warning: {e}{where}; trying the previous checkpoint", file=sys.stderr, flush=True)
+                continue
+            return step
+        raise FileNotFoundError(f"no intact checkpoint in {self.directory}: every one is damaged "
+                                f"(steps {damaged}); start a new --workdir or restore the files")
+
+    def restore_config_intact(self) -> tuple[int, ml_collections.ConfigDict]:
+        """(newest intact step, its config), moving damaged newer checkpoints aside."""
+        step = self.newest_intact_step()
+        return step, self.restore_config(step)
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint folder with missing items or files, short files or unreadable metadata."""
+
+
+def _check_files(state_dir: str) -> None:
+    """Every non-empty file of an orbax state item must be readable; OCDBT manifests name their data files.
+
+    Truncation is caught where tensorstore would only notice at read time: each ``d/`` data file of an
+    OCDBT store must be non-empty, and the item must hold its metadata files.
+    """
+    names = set(os.listdir(state_dir))
+    if not names:
+        raise DamagedCheckpointError("the state item is empty")
+    if "_METADATA" not in names and "_sharding" not in names and "manifest.ocdbt" not in names:
+        raise DamagedCheckpointError(f"the state item has no metadata ({sorted(names)[:5]})")
+    for dirpath, _, files in os.walk(state_dir):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            if os.path.getsize(path) == 0 and not f.startswith("."):
+                raise DamagedCheckpointError(f"empty file {os.path.relpath(path, state_dir)}")
 
 
 def abstract_like(tree):
@@ -104,9 +205,12 @@ def load_run(workdir: str, step: int | None = None, *, weights: str = "both", pl
     try:
         if ckpts.latest_step() is None:
             raise FileNotFoundError(f"{workdir} holds no checkpoint (train first: raphael-train --workdir {workdir})")
-        step = ckpts.latest_step() if step is None else step
-        if step not in ckpts.manager.all_steps():
+        if step is None:  # the newest intact one; damaged newer ones are reported and moved aside
+            step = ckpts.newest_intact_step()
+        elif step not in ckpts.manager.all_steps():
             raise FileNotFoundError(f"{workdir} has no checkpoint at step {step} (it has {ckpts.manager.all_steps()})")
+        else:
+            ckpts.check_step(step)
         config = ckpts.restore_config(step)
     finally:
         ckpts.close()

@@ -1,8 +1,12 @@
 """The training loop: ``train_and_evaluate(config, workdir)``.
 
-Resumes by default from the workdir's latest checkpoint (state, EMA, optimizer, step, RNG, data
-position); writes TensorBoard scalars and sample grids (host 0 only); prints a progress line with
-step, loss, steps/s and ETA.
+Resumes by default from the workdir's newest intact checkpoint (state, EMA, optimizer, step, RNG, data
+position), refusing a config that differs in more than the keys of :data:`SAFE_ON_RESUME`; writes
+TensorBoard scalars and sample grids (host 0 only); prints a progress line with step, loss, steps/s
+and ETA. SIGTERM / SIGINT save a checkpoint at the step boundary and raise
+:class:`~raphael_jax.train.preemption.Preempted`; steps with a non-finite loss or gradient leave the
+weights untouched (raphael_jax/train/step.py), are counted (``nonfinite_steps``) and stop the run after
+``train.max_nonfinite_steps`` in a row. docs/RELIABILITY.md lists each promise and its test.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from raphael_jax.parallel.rules import ShardingPlan
 from raphael_jax.parallel.sharding import global_batch, with_shardings
 from raphael_jax.sampling import Sampler, image_grid, save_png
 from raphael_jax.train.checkpoint import RunCheckpoints, abstract_like
+from raphael_jax.train.preemption import Preempted, StopSignals
 from raphael_jax.train.state import abstract_train_state, make_optimizer, sharded_init
 from raphael_jax.train.step import jit_train_step, make_train_step, step_rng
 
@@ -77,6 +82,54 @@ def make_data_iterator(config, tokenizer: Tokenizer | None):
         edge_source=config.model.edge.source if config.model.edge.enabled else None,
         shard_index=jax.process_index(), shard_count=n_proc, object_weights=w if hi > lo else None)
 
+# Config keys a resumed run may change without --allow-config-change: how long it runs and how often it
+# logs, saves and previews; what sampling and evaluation do (they never touch the train state).
+SAFE_ON_RESUME = ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.sample_every",
+                  "train.max_to_keep", "train.max_nonfinite_steps", "train.init_from", "sample.", "eval.")
+
+
+class ConfigMismatchError(ValueError):
+    """Resuming a workdir with a config that changes keys outside :data:`SAFE_ON_RESUME`."""
+
+
+class NonFiniteError(RuntimeError):
+    """``train.max_nonfinite_steps`` steps in a row had a non-finite loss or gradient."""
+
+
+def _flat(config) -> dict:
+    out = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = tuple(v) if isinstance(v, list) else v
+
+    walk(json.loads(config.to_json()), "")
+    return out
+
+
+def config_changes(saved, config) -> tuple[list[str], list[str]]:
+    """(changed keys that need --allow-config-change, changed keys that are safe), each "key: old -> new"."""
+    a, b = _flat(saved), _flat(config)
+    unsafe, safe = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            line = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
+            is_safe = any(key == k or (k.endswith(".") and key.startswith(k)) for k in SAFE_ON_RESUME)
+            (safe if is_safe else unsafe).append(line)
+    return unsafe, safe
+
+
+def _drop_partial_last_line(path: str) -> None:
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
 
 class MetricWriter:
     """TensorBoard (tensorboardX) scalars and images plus a JSONL copy of the scalars; host 0 only."""
@@ -86,7 +139,9 @@ class MetricWriter:
         if self.active:
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            path = os.path.join(workdir, "metrics.jsonl")
+            _drop_partial_last_line(path)  # a process killed mid-write (kill -9) leaves half a record
+            self.jsonl = open(path, "a")
 
     def scalars(self, step: int, values: dict) -> None:
         if not self.active:
@@ -212,10 +267,14 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def train_and_evaluate(config, workdir: str, num_steps: int | None = None) -> dict:
+def train_and_evaluate(config, workdir: str, num_steps: int | None = None, *,
+                       allow_config_change: bool = False) -> dict:
     """Train ``config`` in ``workdir`` up to ``num_steps`` (default ``config.train.num_steps``).
 
-    Returns the final (host-local) train state.
+    Returns the final (host-local) train state. Raises :class:`ConfigMismatchError` when the workdir was
+    trained with a config that differs outside :data:`SAFE_ON_RESUME` (unless ``allow_config_change``),
+    :class:`Preempted` after saving on SIGTERM / SIGINT, :class:`NonFiniteError` after
+    ``train.max_nonfinite_steps`` non-finite steps in a row.
     """
     os.makedirs(workdir, exist_ok=True)
     num_steps = config.train.num_steps if num_steps is None else num_steps
@@ -230,12 +289,17 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None) -> di
     graphdef, abstract, shardings, init = abstract_train_state(config, tx, plan)
     data = make_data_iterator(config, tokenizer)
     ckpts = RunCheckpoints(workdir, max_to_keep=config.train.max_to_keep)
-    start = ckpts.latest_step()
-    if start is not None:  # restored straight into this run's shardings (any mesh), no init
-        saved = ckpts.restore_config(start)
-        if saved.to_json() != config.to_json():
-            print(f"warning: {workdir} was trained with a different config; resuming with the new one")
-        state, data_state = ckpts.restore(with_shardings(abstract, shardings))
+    if ckpts.latest_step() is not None:  # restored straight into this run's shardings (any mesh), no init
+        start, saved = ckpts.restore_config_intact()
+        unsafe, safe = config_changes(saved, config)
+        if unsafe and not allow_config_change:
+            ckpts.close()
+            raise ConfigMismatchError(
+                f"{workdir} was trained with a different config ({'; '.join(unsafe)}); resume with the saved "
+                "config, pass --allow-config-change to resume with this one, or use a new --workdir")
+        for line in (unsafe + safe) if jax.process_index() == 0 else ():
+            print(f"config changed on resume: {line}")
+        state, data_state = ckpts.restore(with_shardings(abstract, shardings), start)
         data.set_state(data_state)
         print(f"resumed from step {start} in {ckpts.directory}")
     else:
@@ -255,29 +319,68 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None) -> di
     preview = make_preview_sampler(config, graphdef, state, tokenizer, record, plan)
     step = int(state["step"])
     t_start, s_start, compiled = time.time(), step, False
-    pending = []
-    while step < num_steps:
-        batch = global_batch(plan, {k: v for k, v in next(data).items() if k != "caption"})
-        state, metrics = train_step(state, batch, step_rng(state))
-        step += 1
-        if not compiled:  # exclude compilation from the rate
-            jax.block_until_ready(metrics)
-            t_start, s_start, compiled = time.time(), step, True
-        pending.append(metrics)
-        if step % config.train.log_every == 0 or step == num_steps:
-            means = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-            pending = []
-            now = time.time()
-            rate = (step - s_start) / max(now - t_start, 1e-9) if step > s_start else 0.0
-            writer.scalars(step, {**means, "steps_per_sec": rate})
-            if jax.process_index() == 0:
-                eta = (num_steps - step) / max(rate, 1e-9)
-                print(f"step {step:6d}/{num_steps}  loss {means['loss']:.4f}  denoise {means['denoise_loss']:.4f}  "
-                      f"edge {means['edge_loss']:.4f}  {rate:5.2f} steps/s  ETA {_fmt_time(eta)}", flush=True)
-        if step % config.train.checkpoint_every == 0 or step == num_steps:
-            ckpts.save(step, state, data.get_state(), config)
-        if preview is not None and (step % config.train.sample_every == 0 or step == num_steps):
-            write_samples(preview[0], state["ema_params"], preview[1], workdir, step, writer)
+    pending, unchecked = [], []
+    streak, last_saved = 0, ckpts.latest_step()
+    limit = config.train.max_nonfinite_steps
+
+    def check_nonfinite():  # pulls the flags of the steps since the last check (a sync: not every step)
+        nonlocal streak
+        flags = [(s_, float(jax.device_get(f))) for s_, f in unchecked]
+        unchecked.clear()
+        bad = [s_ for s_, f in flags if f]
+        for _, f in flags:
+            streak = streak + 1 if f else 0
+        if bad and jax.process_index() == 0:
+            print(f"warning: {len(bad)} step(s) with a non-finite loss or gradient skipped (weights unchanged): "
+                  f"steps {bad[0]}..{bad[-1]}, {streak} in a row now", flush=True)
+        if streak >= limit:
+            ckpts.close()  # an asynchronous save still running completes first
+            writer.close()
+            raise NonFiniteError(
+                f"{streak} steps in a row (to step {flags[-1][0]}) had a non-finite loss or gradient "
+                f"(train.max_nonfinite_steps={limit}); the weights were not updated by them and the last "
+                f"checkpoint (step {last_saved}) is intact: lower train.learning_rate or check the data")
+
+    with StopSignals() as signals:
+        while step < num_steps:
+            batch = global_batch(plan, {k: v for k, v in next(data).items() if k != "caption"})
+            state, metrics = train_step(state, batch, step_rng(state))
+            step += 1
+            if not compiled:  # exclude compilation from the rate
+                jax.block_until_ready(metrics)
+                t_start, s_start, compiled = time.time(), step, True
+            pending.append(metrics)
+            unchecked.append((step, metrics["nonfinite"]))
+            logging = step % config.train.log_every == 0 or step == num_steps
+            if logging or len(unchecked) >= limit:
+                check_nonfinite()
+            if logging:
+                means = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]
+                         if k != "nonfinite"}
+                means["nonfinite_steps"] = float(sum(jax.device_get(m["nonfinite"]) for m in pending))
+                pending = []
+                now = time.time()
+                rate = (step - s_start) / max(now - t_start, 1e-9) if step > s_start else 0.0
+                writer.scalars(step, {**means, "steps_per_sec": rate})
+                if jax.process_index() == 0:
+                    eta = _fmt_time((num_steps - step) / rate) if rate > 0 else "--"
+                    skipped = f"  {int(means['nonfinite_steps'])} non-finite" if means["nonfinite_steps"] else ""
+                    print(f"step {step:6d}/{num_steps}  loss {means['loss']:.4f}  denoise {means['denoise_loss']:.4f}  "
+                          f"edge {means['edge_loss']:.4f}  {rate:5.2f} steps/s  ETA {eta}{skipped}",
+                          flush=True)
+            if step % config.train.checkpoint_every == 0 or step == num_steps:
+                ckpts.save(step, state, data.get_state(), config)
+                last_saved = step
+            signum = signals.requested()
+            if signum:
+                signals.saving = True
+                if last_saved != step:
+                    ckpts.save(step, state, data.get_state(), config)
+                ckpts.close()  # waits for the (asynchronous) save to be complete on disk
+                writer.close()
+                raise Preempted(signum, step, ckpts.directory)
+            if preview is not None and (step % config.train.sample_every == 0 or step == num_steps):
+                write_samples(preview[0], state["ema_params"], preview[1], workdir, step, writer)
     ckpts.close()
     writer.close()
     return state

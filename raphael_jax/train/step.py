@@ -78,7 +78,12 @@ def compute_losses(model: RaphaelModel, config, sched: NoiseSchedule, batch: dic
 
 
 def make_train_step(graphdef, config, tx: optax.GradientTransformation, sched: NoiseSchedule, eos_id: int = 1):
-    """Build the pure train step; jit it (with shardings and donation) where it is used."""
+    """Build the pure train step; jit it (with shardings and donation) where it is used.
+
+    A step whose loss or gradient norm is not finite changes nothing but the step counter: params, EMA
+    and optimizer state are kept bit for bit (``metrics["nonfinite"]`` = 1; the loop counts them and
+    stops after ``train.max_nonfinite_steps`` in a row, raphael_jax/train/loop.py).
+    """
     ema_decay = config.train.ema_decay
 
     def train_step(state: dict, batch: dict, rng: jax.Array):
@@ -92,8 +97,12 @@ def make_train_step(graphdef, config, tx: optax.GradientTransformation, sched: N
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema_params"], params)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = learning_rate(config, state["step"])
-        new_state = {"step": state["step"] + 1, "params": params, "ema_params": ema,
-                     "opt_state": opt_state, "rng": state["rng"]}
+        finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+        new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
+                     "ema_params": keep(ema, state["ema_params"]), "opt_state": keep(opt_state, state["opt_state"]),
+                     "rng": state["rng"]}
         return new_state, metrics
 
     return train_step

@@ -12,7 +12,7 @@ def test_attention_bench_small_run(tmp_path):
     text = out.read_text()
     rows = {m.group(1): m.groups()[1:] for m in re.finditer(r"^\| (jax [^|]+|torch [^|]+) \| (\d+) \| ([\d.]+)x \| "
                                                              r"(\d*) \| ([\d.e+-]+) \|$", text, re.M)}
-    assert set(rows) == {"jax xla", "jax chunked (chunk 16)", "jax blocked", "torch sdpa (fused)",
+    assert set(rows) == {"jax xla", "jax chunked (chunk 16)", "jax blocked (chunk 16)", "torch sdpa (fused)",
                          "torch explicit softmax"}, text
     assert rows["jax xla"][1] == "1.00"
     for name, (_, _, temp, diff) in rows.items():

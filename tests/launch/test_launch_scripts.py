@@ -1,8 +1,10 @@
 """Launch scripts: syntax (bash -n), shellcheck, and their --dry-run commands; local_multihost.sh for real."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -58,6 +60,31 @@ def test_gpu_slurm_dry_run_prints_srun():
     assert "-m raphael_jax.cli.train --config configs/raphael_3b.py --workdir /shared/w" in r.stdout
     text = open(os.path.join(ROOT, "launch", "gpu_slurm.sbatch")).read()
     assert "#SBATCH --ntasks-per-node=8" in text and "#SBATCH --gpus-per-node=8" in text
+    # preemption: signalled ahead of the limit, requeued when the trainers exit 143 after checkpointing
+    assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:TERM@" in text
+    assert 'kill -TERM "$trainer"' in text and '"$status" -eq 143' in text and "scontrol requeue" in text
+
+
+def test_gpu_slurm_forwards_sigterm_and_requeues_on_143(tmp_path):
+    """The batch script with fake srun / scontrol: SIGTERM reaches the trainer, exit 143 requeues."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/usr/bin/env bash\n"
+                                  "trap 'echo trainer got TERM; exit 143' TERM\n"
+                                  "echo trainer started; for i in $(seq 100); do sleep 0.1; done; exit 0\n")
+    (bin_dir / "scontrol").write_text(f"#!/usr/bin/env bash\necho \"$@\" > {tmp_path}/scontrol.log\n")
+    for f in ("srun", "scontrol"):
+        os.chmod(bin_dir / f, 0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "VENV": sys.prefix,
+           "RAPHAEL_REPO": str(tmp_path)}
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "gpu_slurm.sbatch"), "--config", "c", "--workdir",
+                             "w"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out + err
+    assert "trainer got TERM" in out and "requeueing job 77" in out
+    assert open(tmp_path / "scontrol.log").read().split() == ["requeue", "77"]
 
 
 def test_local_multihost_dry_run_and_failure_propagation():

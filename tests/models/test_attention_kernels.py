@@ -64,20 +64,22 @@ def test_chunked_equals_xla_and_reference(n, n_kv, chunk, masked):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_blocked_equals_reference_and_xla_gradients(dtype):
+@pytest.mark.parametrize("dtype, chunk", [(jnp.float32, 1024), (jnp.float32, 8), (jnp.bfloat16, 1024)])
+def test_blocked_equals_reference_and_xla_gradients(dtype, chunk):
+    # chunk 8: 37 queries in 5 blocks (the last padded) per (batch, head) pair
     q, k, v, mask = _qkv(2, 37, 19, 3, 8, seed=2, mask_frac=0.3)
     mask = mask.at[1, :].set(False)  # a sample with no real key: uniform rows, and no gradient to its keys
     want_out, _ = _reference(q, k, v, mask.at[1, :].set(True))
     want_out[1] = np.asarray(v[1], np.float64).mean(0)  # no key: the uniform average, as ``xla`` gives
     q, k, v = (a.astype(dtype) for a in (q, k, v))
-    out, probs = dot_product_attention(q, k, v, mask, impl="blocked")
+    out, probs = dot_product_attention(q, k, v, mask, impl="blocked", chunk=chunk)
     assert probs is None and out.dtype == dtype
     tol = 2e-5 if dtype == jnp.float32 else 3e-2
     np.testing.assert_allclose(np.asarray(out, np.float32), want_out, atol=tol, rtol=tol)
     for m in (mask, None):
         def loss(impl, q, k, v, m=m):
-            return jnp.sum(jnp.sin(dot_product_attention(q, k, v, m, impl=impl)[0].astype(jnp.float32)))
+            out = dot_product_attention(q, k, v, m, impl=impl, chunk=chunk)[0]
+            return jnp.sum(jnp.sin(out.astype(jnp.float32)))
 
         g_blk = jax.grad(lambda *a: loss("blocked", *a), argnums=(0, 1, 2))(q, k, v)
         g_xla = jax.grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2))(q, k, v)
