@@ -205,13 +205,19 @@ def test_nothing_intact_is_a_clear_error(nonfinite_run, tmp_path):
 
 STEPS = 8
 PROC = ["train.checkpoint_every=2", f"train.num_steps={STEPS}"]
+# The processes share JAX's persistent compilation cache: the first compiles, the others load the same
+# executables (as a user's requeued job does), so each restart costs seconds, not a compilation.
+_CACHE = os.path.join(os.environ.get("PYTEST_TMPDIR", "/tmp"), f"raphael_fault_cache_{os.getpid()}")
+ENV = {**os.environ, "JAX_COMPILATION_CACHE_DIR": _CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def _cli(workdir: str, extra=(), timeout=600, **kw):
     args = [sys.executable, "-m", "raphael_jax.cli.train", "--config", CONFIG, "--workdir", workdir]
     for s in SMALL + PROC:
         args += ["--set", s]
-    return subprocess.run(args + list(extra), cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(args + list(extra), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV,
+                          **kw)
 
 
 def _start(workdir: str, stderr_path: str) -> subprocess.Popen:
@@ -219,7 +225,8 @@ def _start(workdir: str, stderr_path: str) -> subprocess.Popen:
     args = [sys.executable, "-u", "-m", "raphael_jax.cli.train", "--config", CONFIG, "--workdir", workdir]
     for s in SMALL + PROC:
         args += ["--set", s]
-    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=open(stderr_path, "w"), text=True)
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=open(stderr_path, "w"), text=True,
+                            env=ENV)
 
 
 def _wait_for_step(proc: subprocess.Popen, step: int, timeout=600) -> list[str]:
@@ -254,7 +261,9 @@ def reference_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("reference") / "run")
     proc = _cli(workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return workdir
+    yield workdir
+    import shutil
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def test_sigterm_saves_at_the_step_and_the_same_command_resumes_identically(reference_run, tmp_path):
