@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import ROOT, cpu_model, log  # noqa: E402
+from benchlib import ROOT, cpu_model, log, write_lines  # noqa: E402
 
 JAX_IMPLS = ("xla", "chunked", "blocked")
 
@@ -110,10 +110,7 @@ def main(argv=None) -> int:
         med = statistics.median(times[name])
         tmp = "" if temp is None else f"{temp / 2**20:.0f}"
         lines.append(f"| {name} | {1000 * med:.0f} | {med / base:.2f}x | {tmp} | {diffs[name]:.1e} |")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_lines(args.out, lines)
     return 0
 
 

@@ -82,3 +82,11 @@ def run_child(target, args) -> object:
                     res = f"exited with code {proc.exitcode} and no answer (killed for memory?)"
     proc.join(timeout=60)
     return res
+
+
+def write_lines(path: str, lines: list[str]) -> None:
+    """Write a markdown report (creating its folder) and print it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))

@@ -12,7 +12,23 @@ saving a checkpoint (143 SIGTERM, 130 Ctrl-C): a scheduler requeues it and the s
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+
+def workdir_problem(workdir: str) -> str | None:
+    """Why ``workdir`` cannot hold a run (a file there, an unwritable folder), or None."""
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"--workdir {workdir} is a file, not a run folder"
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"--workdir {workdir}: {existing} is a file, so the run folder cannot be created"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--workdir {workdir}: {existing} is not writable"
+    return None
 
 
 def main(argv=None) -> int:
@@ -34,9 +50,22 @@ def main(argv=None) -> int:
 
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be a positive step number, got {args.steps}")
-    maybe_initialize()
+
+    def fail(msg: str) -> int:
+        print(f"raphael-train: error: {msg}", file=sys.stderr, flush=True)
+        return 2
+
+    maybe_initialize()  # before anything touches JAX's backends (load_config may)
     try:
         config = load_config(args.config, args.set)
+    except (ConfigError, KeyError, ValueError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        return fail(str(e.args[0] if isinstance(e, KeyError) else e).splitlines()[0])
+    problem = workdir_problem(args.workdir)
+    if problem:
+        return fail(problem)
+    try:
         train_and_evaluate(config, args.workdir, num_steps=args.steps, allow_config_change=args.allow_config_change)
     except Preempted as e:
         print(str(e), file=sys.stderr, flush=True)
@@ -44,8 +73,7 @@ def main(argv=None) -> int:
     except (ConfigError, ConfigMismatchError, FileNotFoundError, NotADirectoryError) as e:
         if args.debug:
             raise
-        print(f"raphael-train: error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
-        return 2
+        return fail(str(e).splitlines()[0])
     except NonFiniteError as e:
         if args.debug:
             raise

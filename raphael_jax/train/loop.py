@@ -362,6 +362,10 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None, *,
                 now = time.time()
                 rate = (step - s_start) / max(now - t_start, 1e-9) if step > s_start else 0.0
                 writer.scalars(step, {**means, "steps_per_sec": rate})
+                if means.get("time_dropped_fraction", 0.0) > 0.01 and jax.process_index() == 0:
+                    print(f"warning: the time-MoE's capacity dropped {100 * means['time_dropped_fraction']:.1f}% of "
+                          "the samples' expert calls since the last log (raise parallel.time_capacity_factor)",
+                          flush=True)
                 if jax.process_index() == 0:
                     eta = _fmt_time((num_steps - step) / rate) if rate > 0 else "--"
                     skipped = f"  {int(means['nonfinite_steps'])} non-finite" if means["nonfinite_steps"] else ""

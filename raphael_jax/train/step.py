@@ -74,6 +74,8 @@ def compute_losses(model: RaphaelModel, config, sched: NoiseSchedule, batch: dic
         metrics["space_usage_max"] = usage.max(-1).mean()  # 1/K when balanced, 1 when collapsed
     if inter["time_usage"]:
         metrics["time_usage_max"] = jnp.stack(inter["time_usage"]).max(-1).mean()
+    if inter.get("time_dropped"):  # expert-parallel time-MoE: samples over their expert's capacity skip it
+        metrics["time_dropped_fraction"] = jnp.stack(inter["time_dropped"]).mean()
     return total, metrics
 
 

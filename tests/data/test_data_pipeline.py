@@ -56,6 +56,15 @@ def test_tokenizer_truncation_warns(tok):
         tok.encode([cap], MAX_LEN)
 
 
+def test_tokenizer_names_unknown_words(tok):
+    with pytest.warns(UserWarning, match=r"outside the vocabulary, encoded as <unk>: 'dragon', 'zq'"):
+        ids, mask = tok.encode(["a purple dragon zq"], MAX_LEN)
+    assert (ids[0][mask[0]] == tok.unk_id).any()  # still encoded (as <unk>), and reported
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tok.encode(["a purple circle", ""], MAX_LEN)  # known words, and the empty (unconditional) prompt
+
+
 def test_tokenizer_deterministic_save_load(tok, tmp_path):
     again = Tokenizer.train_on_world()
     assert again.model_proto == tok.model_proto

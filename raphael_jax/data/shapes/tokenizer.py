@@ -110,7 +110,9 @@ class Tokenizer:
     def encode(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids int32 [B, max_len], mask bool [B, max_len]); ids end with EOS, then 0-padding.
 
-        Too long prompts are cut to max_len - 1 tokens plus EOS, with a warning naming the prompt.
+        Too long prompts are cut to max_len - 1 tokens plus EOS, with a warning naming the prompt. Words
+        the vocabulary cannot spell (they become ``<unk>``: the model learned nothing for them) are named
+        in a warning, never dropped silently.
         """
         if isinstance(texts, str):
             raise ValueError("Tokenizer.encode: expected a list of strings, got a single str")
@@ -120,6 +122,10 @@ class Tokenizer:
         ids = np.full((len(pieces), max_len), PAD_ID, np.int32)
         mask = np.zeros((len(pieces), max_len), bool)
         for i, p in enumerate(pieces):
+            if UNK_ID in p:
+                unknown = [w for w in texts[i].split() if UNK_ID in self._sp.encode(w, out_type=int)]
+                warnings.warn(f"Tokenizer.encode: prompt {texts[i]!r} has words outside the vocabulary, encoded "
+                              f"as <unk>: {', '.join(map(repr, unknown or [texts[i]]))}", stacklevel=2)
             if len(p) + 1 > max_len:
                 warnings.warn(f"Tokenizer.encode: prompt {texts[i]!r} has {len(p) + 1} tokens with EOS, "
                               f"truncated to max_len={max_len}", stacklevel=2)
