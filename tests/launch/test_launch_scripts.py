@@ -48,6 +48,7 @@ def test_tpu_pod_dry_run_prints_every_step():
                "--repo", "https://example.com/r.git", "--skip-install", "--",
                "--config", "c.py", "--workdir", "w")
     assert clone.returncode == 0 and "git clone" in clone.stdout and "pip install" not in clone.stdout
+    assert "nohup setsid bash -c" in out and "raphael_train.status" in out and "tail -n +1 -F" in out
     missing = sh("launch/tpu_pod.sh", "--dry-run", "--name", "rj", "--", "--config", "c.py")
     assert missing.returncode == 2 and "required" in missing.stderr
 
@@ -112,3 +113,48 @@ def test_local_multihost_runs_jax_distributed(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "[p0] proc 0 2 4 2" in r.stdout and "[p1] proc 1 2 4 2" in r.stdout
     assert "proc 1 2 4 2" in open(tmp_path / "p1.log").read()
+
+
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+# a fake gcloud for launch/tpu_pod.sh: the slice is READY; worker 0 reports the statuses listed in
+# $FAKE/statuses one per poll (after each launch the list moves on); every call is logged
+echo "$*" >> "$FAKE/calls"
+case "$*" in
+  *" describe "*) echo READY ;;
+  *"--worker=all"*"nohup setsid"*) echo launch >> "$FAKE/launches" ;;
+  *"--worker=0"*"raphael_train.status"*)
+    n=$(wc -l < "$FAKE/launches")
+    polls=$(( $(cat "$FAKE/polls" 2>/dev/null || echo 0) + 1 )); echo "$polls" > "$FAKE/polls"
+    if [[ "$polls" -lt 2 ]]; then echo running; else sed -n "${n}p" "$FAKE/statuses"; echo 0 > "$FAKE/polls"; fi ;;
+  *"tail -n 0 -F"*) echo "step 1/10 (fake log)"; sleep 0.3 ;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.parametrize("statuses, code, launches", [(["143", "0"], 0, 2), (["2"], 1, 1)])
+def test_tpu_pod_watch_relaunches_after_preemption_only(tmp_path, statuses, code, launches):
+    """The watch loop with a fake gcloud: exit 143 relaunches and the next run's 0 ends the watch; a bad config's
+    exit 2 stops it without a relaunch; the run is started detached (nohup setsid) with its status file."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "statuses").write_text("\n".join(statuses) + "\n")
+    (fake / "launches").write_text("")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
+    os.chmod(bin_dir / "gcloud", 0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE": str(fake)}
+    r = subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "--name", "n", "--zone", "z", "--type",
+                        "v4-8", "--repo", "https://example.com/r.git", "--skip-install", "--poll", "0.2", "--",
+                        "--config", "c.py", "--workdir", "w"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == code, r.stdout + r.stderr
+    assert (fake / "launches").read_text().count("launch") == launches
+    calls = (fake / "calls").read_text()
+    assert "nohup setsid bash -c" in calls and "raphael_train.status" in calls
+    if code == 0:
+        assert "relaunching (1/20)" in r.stdout and "the run finished (exit 0)" in r.stdout
+        assert "fake log" in (tmp_path / "logs" / "tpu_n.log").read_text()
+    else:
+        assert "exited with status 2; not relaunching" in r.stderr
