@@ -83,9 +83,10 @@ def make_data_iterator(config, tokenizer: Tokenizer | None):
         shard_index=jax.process_index(), shard_count=n_proc, object_weights=w if hi > lo else None)
 
 # Config keys a resumed run may change without --allow-config-change: how long it runs and how often it
-# logs, saves and previews; what sampling and evaluation do (they never touch the train state).
+# logs, saves and previews; what sampling and evaluation do (they never touch the train state); the mesh.
 SAFE_ON_RESUME = ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.sample_every",
-                  "train.max_to_keep", "train.max_nonfinite_steps", "train.init_from", "sample.", "eval.")
+                  "train.max_to_keep", "train.max_nonfinite_steps", "train.init_from", "sample.", "eval.",
+                  "parallel.mesh.")  # a run resumes on any mesh (orbax restores into the new shardings)
 
 
 class ConfigMismatchError(ValueError):
