@@ -5,7 +5,8 @@ Trains (resuming from the workdir's newest intact checkpoint) with
 first (pods, SLURM, launch/local_multihost.sh).
 
 Exit status: 0 done; 2 bad input (config, flags, a workdir trained with another config, nothing intact
-to resume), one line on stderr; 1 the run failed (non-finite steps); 128 + N stopped by signal N after
+to resume), one line on stderr; 1 the run failed (non-finite steps; a checkpoint could not be written,
+e.g. a full disk: the earlier ones are intact); 128 + N stopped by signal N after
 saving a checkpoint (143 SIGTERM, 130 Ctrl-C): a scheduler requeues it and the same command resumes.
 ``--debug`` shows the traceback instead of the one line.
 """
@@ -45,6 +46,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from raphael_jax.config import ConfigError, load_config
     from raphael_jax.parallel.distributed import maybe_initialize
+    from raphael_jax.train.checkpoint import CheckpointWriteError
     from raphael_jax.train.loop import ConfigMismatchError, NonFiniteError, train_and_evaluate
     from raphael_jax.train.preemption import Preempted
 
@@ -77,8 +79,16 @@ def main(argv=None) -> int:
     except NonFiniteError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"raphael-train: error: {e}", file=sys.stderr, flush=True)
         return 1
+    except CheckpointWriteError as e:
+        if args.debug:
+            raise
+        print(f"raphael-train: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # orbax's writer threads stopped mid-write: leaving through interpreter shutdown would print their
+        # errors after this line (or wait on them); the earlier checkpoints are already intact on disk
+        os._exit(1)
     return 0
 
 

@@ -8,11 +8,17 @@ orbax writes each checkpoint into a temporary folder and renames it when complet
 mid-save leaves no half checkpoint under its step number. A step folder damaged afterwards (files
 deleted or truncated by hand, a full disk, a bad copy) is detected when it is read: the trainer and
 the sampling commands warn with its step, move it to ``<workdir>/checkpoints_damaged/`` (never delete
-it) and use the newest intact one (:meth:`RunCheckpoints.restore_config_intact`).
+it) and use the newest intact one (:meth:`RunCheckpoints.restore_config_intact`). The sizes of a
+checkpoint's files are recorded after its save (``<workdir>/checkpoint_sizes/<step>.json``) so that a file
+truncated part-way is caught before orbax reads it; one that still fails while being read (no record:
+killed right after the save) is moved aside the same way (:meth:`RunCheckpoints.restore_with_fallback`).
+A save that fails (a full disk, an unwritable folder) raises :class:`CheckpointWriteError`; the earlier
+checkpoints are untouched.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -45,6 +51,9 @@ class _QuietPartialRestore(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietPartialRestore())
 
 
+SIZES_DIR = "checkpoint_sizes"  # <workdir>/checkpoint_sizes/<step>.json: every file's size after the save
+
+
 class RunCheckpoints:
     """Thin wrapper over ``ocp.CheckpointManager`` for one workdir."""
 
@@ -53,6 +62,8 @@ class RunCheckpoints:
         self._opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                   enable_async_checkpointing=async_save)
         self.manager = self._open()
+        self._writing: int | None = None
+        self._failed = False
 
     def _open(self) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(self.directory, item_names=("state", "data", "config"), options=self._opts)
@@ -61,10 +72,86 @@ class RunCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: dict, data_state: dict, config) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(json.loads(config.to_json()))))
+        """Start saving ``step`` (asynchronously when enabled). A failed write, of this save or of the previous
+        asynchronous one (a full disk, an unwritable folder), raises :class:`CheckpointWriteError`; the
+        earlier checkpoints are untouched (orbax commits a checkpoint by renaming its temporary folder and
+        deletes old ones only after that)."""
+        self._finish()
+        self._writing = step
+        if jax.process_index() == 0 and os.path.isfile(self._sizes_path(step)):
+            os.remove(self._sizes_path(step))  # a record of an earlier save of this step (moved aside since)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(json.loads(config.to_json()))))
+        except Exception as e:  # noqa: BLE001 - orbax / tensorstore wrap OSErrors in several types
+            raise self._write_error(e) from e
+
+    def _finish(self) -> None:
+        """Wait for the asynchronous save in flight; its failure becomes a :class:`CheckpointWriteError`.
+        A completed save gets its file sizes recorded (:meth:`_record_sizes`)."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._write_error(e) from e
+        if self._writing is not None and jax.process_index() == 0:
+            self._record_sizes(self._writing)
+        self._writing = None
+
+    def _sizes_path(self, step: int) -> str:
+        return os.path.join(os.path.dirname(self.directory), SIZES_DIR, f"{step}.json")
+
+    def _record_sizes(self, step: int) -> None:
+        """Write every file's size of the committed ``step`` to ``<workdir>/checkpoint_sizes/<step>.json``
+        (atomically), so that :meth:`check_step` notices a file truncated part-way (which orbax would only
+        find while reading, after many errors); drops the records of steps that no longer exist."""
+        root = os.path.join(self.directory, str(step))
+        if not os.path.isdir(root):
+            return
+        sizes = {os.path.relpath(os.path.join(d, f), root): os.path.getsize(os.path.join(d, f))
+                 for d, _, files in os.walk(root) for f in files}
+        path = self._sizes_path(step)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as fh:
+            json.dump(sizes, fh)
+        os.replace(path + ".tmp", path)
+        kept = {f"{s}.json" for s in self.committed_steps()}
+        for name in os.listdir(os.path.dirname(path)):
+            if name.endswith(".json") and name not in kept:
+                os.remove(os.path.join(os.path.dirname(path), name))
+
+    def _check_sizes(self, step: int) -> None:
+        """Compare ``step``'s files with the sizes recorded after its save (none recorded: nothing to do)."""
+        path = self._sizes_path(step)
+        if not os.path.isfile(path):
+            return
+        try:
+            sizes = json.load(open(path))
+        except ValueError:
+            return  # our own record is unreadable: the other checks still run
+        root = os.path.join(self.directory, str(step))
+        for rel, size in sizes.items():
+            full = os.path.join(root, rel)
+            if not os.path.isfile(full):
+                raise DamagedCheckpointError(f"file {rel} is missing")
+            if os.path.getsize(full) != size:
+                raise DamagedCheckpointError(f"file {rel} is {os.path.getsize(full)} bytes, {size} when saved")
+
+    def committed_steps(self) -> list[int]:
+        """Steps with a committed folder on disk (no temporary ones), oldest first."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(int(d) for d in os.listdir(self.directory) if d.isdigit())
+
+    def _write_error(self, e: Exception) -> CheckpointWriteError:
+        self._failed = True
+        cause = _root_cause(e)
+        kept = self.committed_steps()
+        return CheckpointWriteError(
+            f"could not write the checkpoint of step {self._writing} into {self.directory} ({cause}); "
+            f"the earlier checkpoints (steps {kept}) are intact: free disk space or fix the folder's "
+            "permissions, then run the same command to resume")
 
     def restore(self, abstract_state, step: int | None = None):
         """Restore (state, data_state) at ``step`` (latest by default) onto ``abstract_state``'s shardings."""
@@ -85,8 +172,9 @@ class RunCheckpoints:
     def check_step(self, step: int) -> None:
         """Raise ``DamagedCheckpointError`` unless ``step``'s folder holds every item with its files intact.
 
-        Cheap: reads the config and data items and the state's metadata, and checks that every file the
-        state's array store lists exists with a size matching its manifest (truncated files fail)."""
+        Cheap: reads the config and data items and the state's metadata, checks that the state's files are
+        non-empty and, when the trainer recorded them after the save (``<workdir>/checkpoint_sizes/``),
+        that every file exists with the size it had then (a file truncated part-way fails)."""
         root = os.path.join(self.directory, str(step))
         try:
             for item in ("state", "data", "config"):
@@ -96,6 +184,7 @@ class RunCheckpoints:
             self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
             self.manager.item_metadata(step)["state"]  # noqa: B018 - parses the state's tree metadata
             _check_files(os.path.join(root, "state"))
+            self._check_sizes(step)
         except DamagedCheckpointError as e:
             raise DamagedCheckpointError(f"checkpoint at step {step} in {self.directory} is damaged: {e}") from None
         except Exception as e:  # noqa: BLE001 - orbax / tensorstore / json raise many kinds on damaged files
@@ -124,14 +213,33 @@ class RunCheckpoints:
                 self.check_step(step)
             except DamagedCheckpointError as e:
                 damaged.append(step)
-                where = ""
-                if move and jax.process_index() == 0:
-                    where = f"; moved to {self.move_aside(step)}"
-                print(f"warning: {e}{where}; trying the previous checkpoint", file=sys.stderr, flush=True)
+                self.report_damaged(step, e, move=move)
                 continue
             return step
         raise FileNotFoundError(f"no intact checkpoint in {self.directory}: every one is damaged "
                                 f"(steps {damaged}); start a new --workdir or restore the files")
+
+    def report_damaged(self, step: int, error: Exception, *, move: bool = True) -> None:
+        """Warn on stderr that ``step`` is damaged and (``move``, process 0) move it aside."""
+        where = ""
+        if move and jax.process_index() == 0:
+            where = f"; moved to {self.move_aside(step)}"
+        print(f"warning: {error}{where}; trying the previous checkpoint", file=sys.stderr, flush=True)
+
+    def restore_with_fallback(self, abstract_state, step: int):
+        """(step, state, data_state) restored at ``step``; when its data files turn out damaged only while
+        being read (a file truncated part-way passes :meth:`check_step`), the step is reported, moved aside
+        and the newest intact earlier one restored instead. Other errors propagate."""
+        while True:
+            try:
+                return (step, *self.restore(abstract_state, step))
+            except Exception as e:  # noqa: BLE001 - sorted by read_damage below
+                damage = read_damage(e)
+                if damage is None:
+                    raise
+                self.report_damaged(step, DamagedCheckpointError(
+                    f"checkpoint at step {step} in {self.directory} is damaged: {damage}"))
+                step = self.newest_intact_step()
 
     def restore_config_intact(self) -> tuple[int, ml_collections.ConfigDict]:
         """(newest intact step, its config), moving damaged newer checkpoints aside."""
@@ -139,8 +247,49 @@ class RunCheckpoints:
         return step, self.restore_config(step)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for the save in flight (:class:`CheckpointWriteError` if it failed) and close the manager."""
+        if self._failed:  # the failed save's threads are in an undefined state: do not wait on them again
+            return
+        self._finish()
         self.manager.close()
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (a full disk, an unwritable folder, a file-size limit)."""
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost ``OSError`` of ``e``'s chain (``[Errno 28] No space left on device``), else ``e``'s first line."""
+    seen, cur, found = set(), e, None
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno is not None:
+            found = cur
+        cur = cur.__cause__ or cur.__context__
+    if found is not None:
+        return f"[Errno {found.errno}] {found.strerror}"
+    text = str(e)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM):
+        if os.strerror(code) in text:  # tensorstore reports the OS error inside its own message
+            return f"[Errno {code}] {os.strerror(code)}"
+    lines = text.splitlines()
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
+_READ_DAMAGE = ("DATA_LOSS", "OUT_OF_RANGE", "Error reading", "NOT_FOUND")
+
+
+def read_damage(e: BaseException) -> str | None:
+    """The first line of the tensorstore read error (truncated, missing or corrupt data file) in ``e``'s
+    chain, or None when ``e`` is not one (a bug, a wrong sharding: those must not move checkpoints aside)."""
+    seen, cur = set(), e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        text = str(cur)
+        if any(m in text for m in _READ_DAMAGE):
+            return text.strip().splitlines()[0][:300]
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 class DamagedCheckpointError(ValueError):
@@ -201,6 +350,7 @@ def load_run(workdir: str, step: int | None = None, *, weights: str = "both", pl
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    explicit = step is not None  # the user asked for this step: no silent substitute
     ckpts = RunCheckpoints(workdir, async_save=False)
     try:
         if ckpts.latest_step() is None:
@@ -212,21 +362,35 @@ def load_run(workdir: str, step: int | None = None, *, weights: str = "both", pl
         else:
             ckpts.check_step(step)
         config = ckpts.restore_config(step)
+        graphdef, params = split_model(nnx.eval_shape(lambda: RaphaelModel(config, rngs=nnx.Rngs(config.seed))))
+        if plan is None:
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            shardings = jax.tree.map(lambda _: device, params)
+        else:
+            from raphael_jax.parallel.sharding import tree_shardings
+            shardings = tree_shardings(params, plan)
+        abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
+                                       shardings)
+        names = {"both": ("params", "ema_params"), "ema": ("ema_params",), "params": ("params",)}[weights]
+        abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), **{k: abstract_params for k in names}}
+        while True:
+            path = os.path.join(ckpts.directory, str(step), "state")
+            try:
+                state = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+                    abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                    partial_restore=True))
+                break
+            except Exception as e:  # noqa: BLE001 - sorted by read_damage
+                damage = read_damage(e)
+                if damage is None:
+                    raise
+                error = DamagedCheckpointError(f"checkpoint at step {step} in {ckpts.directory} is damaged: {damage}")
+                if explicit:
+                    raise error from None
+                ckpts.report_damaged(step, error)  # a file truncated part-way: found only while reading
+                step = ckpts.newest_intact_step()
     finally:
         ckpts.close()
-    graphdef, params = split_model(nnx.eval_shape(lambda: RaphaelModel(config, rngs=nnx.Rngs(config.seed))))
-    if plan is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, params)
-    else:
-        from raphael_jax.parallel.sharding import tree_shardings
-        shardings = tree_shardings(params, plan)
-    abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
-    names = {"both": ("params", "ema_params"), "ema": ("ema_params",), "params": ("params",)}[weights]
-    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), **{k: abstract_params for k in names}}
-    path = os.path.join(ckpts.directory, str(step), "state")
-    state = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
     tokenizer = Tokenizer.load(os.path.join(workdir, TOKENIZER_FILE)) if config.text.kind == "small" else None
     enc_path = os.path.join(workdir, ENCODERS_FILE)
     encoders = json.loads(open(enc_path).read()) if os.path.isfile(enc_path) else None

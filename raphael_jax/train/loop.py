@@ -300,7 +300,7 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None, *,
                 "config, pass --allow-config-change to resume with this one, or use a new --workdir")
         for line in (unsafe + safe) if jax.process_index() == 0 else ():
             print(f"config changed on resume: {line}")
-        state, data_state = ckpts.restore(with_shardings(abstract, shardings), start)
+        start, state, data_state = ckpts.restore_with_fallback(with_shardings(abstract, shardings), start)
         data.set_state(data_state)
         print(f"resumed from step {start} in {ckpts.directory}")
     else:

@@ -161,7 +161,7 @@ def _copy_run(src: str, dst: str) -> str:
     return dst
 
 
-@pytest.mark.parametrize("damage", ["missing_item", "empty_file", "deleted_files", "garbled_config"])
+@pytest.mark.parametrize("damage", ["missing_item", "empty_file", "half_file", "deleted_files", "garbled_config"])
 def test_damaged_latest_checkpoint_falls_back_and_is_moved_aside(nonfinite_run, tmp_path, damage, capsys):
     workdir = _copy_run(nonfinite_run[0], str(tmp_path / "run"))
     step_dir = os.path.join(workdir, "checkpoints", "4")
@@ -172,6 +172,9 @@ def test_damaged_latest_checkpoint_falls_back_and_is_moved_aside(nonfinite_run, 
     elif damage == "empty_file":
         biggest = max(state_files, key=os.path.getsize)
         open(biggest, "w").close()  # truncated to nothing
+    elif damage == "half_file":  # truncated part-way: caught by the sizes recorded after the save
+        biggest = max(state_files, key=os.path.getsize)
+        os.truncate(biggest, os.path.getsize(biggest) // 2)
     elif damage == "deleted_files":
         for f in state_files:
             os.remove(f)
@@ -189,6 +192,56 @@ def test_damaged_latest_checkpoint_falls_back_and_is_moved_aside(nonfinite_run, 
     aside = os.listdir(os.path.join(workdir, "checkpoints_damaged"))
     assert len(aside) == 1 and aside[0].startswith("4-")
     assert sorted(d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == ["2"]
+
+
+def test_truncated_file_without_a_size_record_falls_back_while_reading(nonfinite_run, tmp_path, capsys):
+    """A file cut part-way in a checkpoint whose sizes were never recorded (killed right after the save)
+    passes the cheap check; the restore finds it, and the trainer's and sampling's loaders fall back."""
+    from raphael_jax.train.checkpoint import abstract_like, read_damage
+
+    workdir = _copy_run(nonfinite_run[0], str(tmp_path / "run"))
+    os.remove(os.path.join(workdir, "checkpoint_sizes", "4.json"))
+    state_dir = os.path.join(workdir, "checkpoints", "4", "state")
+    biggest = max((os.path.join(d, f) for d, _, fs in os.walk(state_dir) for f in fs), key=os.path.getsize)
+    os.truncate(biggest, os.path.getsize(biggest) // 2)
+    ck = RunCheckpoints(workdir, async_save=False)
+    ck.check_step(4)  # not caught without the record
+    state2, data2 = ck.restore(None, 2)
+    step, state, data_state = ck.restore_with_fallback(abstract_like(state2), 4)  # the trainer's restore
+    ck.close()
+    assert step == 2 and int(state["step"]) == 2 and data_state == data2
+    err = capsys.readouterr().err
+    assert "checkpoint at step 4" in err and "is damaged: " in err and "moved to" in err
+    assert os.listdir(os.path.join(workdir, "checkpoints_damaged"))[0].startswith("4-")
+    assert read_damage(ValueError("shape mismatch")) is None  # other errors never move checkpoints aside
+
+
+def test_full_disk_during_a_save_is_a_clear_error_and_keeps_the_earlier_checkpoints(reference_run, tmp_path):
+    """The trainer resumed under a file-size limit (RLIMIT_FSIZE: writes fail with EFBIG as they would with
+    ENOSPC on a full disk, without needing a small filesystem) cannot write its next checkpoint."""
+    import resource
+
+    workdir = _copy_run(reference_run, str(tmp_path / "run"))
+    before = sorted(d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    limit = 64 * 1024  # below the state's largest files, above the metrics and TensorBoard writes
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = _cli(workdir, ["--set", f"train.num_steps={STEPS + 2}"], preexec_fn=small_files)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"raphael-train: error: could not write the checkpoint of step {STEPS + 2} into "), last
+    assert "File too large" in last and f"steps {[int(s) for s in before]}) are intact" in last, last
+    assert sorted(d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == before
+    ck = RunCheckpoints(workdir, async_save=False)
+    for step in before:
+        ck.check_step(int(step))
+    ck.close()
+    again = _cli(workdir, ["--set", f"train.num_steps={STEPS + 2}"])  # space freed: the same command resumes
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from step {STEPS}" in again.stdout
+    assert load_run(workdir).step == STEPS + 2
 
 
 def test_nothing_intact_is_a_clear_error(nonfinite_run, tmp_path):
