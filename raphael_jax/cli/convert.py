@@ -8,11 +8,16 @@
 ``raphael_jax.convert.load_converted`` restores (:func:`raphael_jax.convert.orbax.convert`, docs/CONVERT.md).
 ``inception``: pytorch-fid's Inception ``.pth`` -> safetensors for FID
 (:func:`raphael_jax.evaluation.inception.convert_pytorch_fid_weights`, docs/EVALUATION.md).
+
+Everything is checked before anything is written: a missing, truncated or corrupt source (config.json,
+safetensors, .bin, .pth) or an existing output is refused with one line and exit status 2, leaving the
+output as it was (``--debug``: the traceback).
 """
 from __future__ import annotations
 
 import argparse
-import sys
+
+from raphael_jax.cli import add_debug_flag, run_guarded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,32 +46,29 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("src", help="pytorch-fid state dict, e.g. " + FID_WEIGHTS_FILE)
     i.add_argument("out", help="new .safetensors file (never overwritten)")
     i.add_argument("--channel-divisor", type=int, default=1, help=argparse.SUPPRESS)  # tests only
-    return p
+    return add_debug_flag(p)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from raphael_jax.convert.safetensors_io import ConversionError
+    p = build_parser()
+    args = p.parse_args(argv)
+    return run_guarded(p.prog, args.debug, lambda: _convert(args))
 
-    try:
-        if args.kind == "inception":
-            from raphael_jax.evaluation.inception import InceptionConfig, convert_pytorch_fid_weights
 
-            out = convert_pytorch_fid_weights(args.src, args.out, InceptionConfig(channel_divisor=args.channel_divisor))
-        else:
-            import jax.numpy as jnp
-
-            from raphael_jax.convert.orbax import convert
-
-            out = convert(args.kind, args.src_dir, args.out_dir, from_pickle=args.from_pickle, variant=args.variant,
-                          param_dtype=jnp.dtype(args.param_dtype))
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _convert(args) -> int:
     if args.kind == "inception":
+        from raphael_jax.evaluation.inception import InceptionConfig, convert_pytorch_fid_weights
+
+        out = convert_pytorch_fid_weights(args.src, args.out, InceptionConfig(channel_divisor=args.channel_divisor))
         print(f"wrote {out}; load with raphael_jax.evaluation.inception.load_inception({str(out)!r})")
-    else:
-        print(f"wrote {out} ({args.kind}); restore with raphael_jax.convert.load_converted({str(out)!r})")
+        return 0
+    import jax.numpy as jnp
+
+    from raphael_jax.convert.orbax import convert
+
+    out = convert(args.kind, args.src_dir, args.out_dir, from_pickle=args.from_pickle, variant=args.variant,
+                  param_dtype=jnp.dtype(args.param_dtype))
+    print(f"wrote {out} ({args.kind}); restore with raphael_jax.convert.load_converted({str(out)!r})")
     return 0
 
 

@@ -9,13 +9,22 @@
 ``shapes``: the shapes-world splits, :func:`raphael_jax.data.shapes.tfds.build_shapes_dataset` (docs/DATA.md);
 ``shapes-folder``: the world as a LAION-style image folder,
 :func:`raphael_jax.data.shapes.folder.write_shapes_folder` (docs/DATA_REAL.md).
+
+Bad input (a missing or empty source folder, sources without one readable captioned image, a data dir
+that is a file, a non-empty output folder) is refused with one line and exit status 2 before anything is
+written (``--debug``: the traceback). Unreadable images among good ones are skipped, counted in the
+printed stats and named in a ``raphael-data: warning:`` line.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import sys
+import warnings
 from pathlib import Path
+
+from raphael_jax.cli import add_debug_flag, run_guarded
 
 
 def parse_buckets(text: str) -> tuple[tuple[int, int], ...]:
@@ -80,12 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--seed", type=int, default=0)
     sf.add_argument("--min-objects", type=int, default=1)
     sf.add_argument("--max-objects", type=int, default=1)
-    return p
+    return add_debug_flag(p)
 
 
 def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
+    return run_guarded(p.prog, a.debug, lambda: _run(p, a), system_exit=True)
+
+
+def _run(p: argparse.ArgumentParser, a) -> int:
     if a.what == "shapes":
         from raphael_jax.data.shapes.tfds import build_shapes_dataset, make_config
 
@@ -101,11 +114,8 @@ def main(argv=None) -> int:
     if a.what == "shapes-folder":
         from raphael_jax.data.shapes.folder import write_shapes_folder
 
-        try:
-            info = write_shapes_folder(a.out, a.num, image_size=a.image_size, seed=a.seed,
-                                       min_objects=a.min_objects, max_objects=a.max_objects)
-        except ValueError as e:
-            p.error(str(e))
+        info = write_shapes_folder(a.out, a.num, image_size=a.image_size, seed=a.seed,
+                                   min_objects=a.min_objects, max_objects=a.max_objects)
         print(f"wrote {info['num']} examples ({info['image_size']}x{info['image_size']}) to {info['out_dir']}")
         return 0
 
@@ -120,10 +130,16 @@ def main(argv=None) -> int:
         make_config(a.sources, name=a.name, **kwargs)
     except ValueError as e:
         p.error(str(e))
-    b = build_image_text_dataset(a.data_dir, a.sources, name=a.name, **kwargs)
+    with warnings.catch_warnings():  # the skipped images are reported below, with their paths
+        warnings.filterwarnings("ignore", message="image_text: skipped")
+        b = build_image_text_dataset(a.data_dir, a.sources, name=a.name, **kwargs)
     meta = json.loads((Path(b.data_dir) / "metadata.json").read_text())
     print(f"built {b.data_dir}: {meta['stats']}")
     print(f"bucket counts: {meta['bucket_counts']}")
+    if meta["stats"].get("unreadable"):
+        named = "; ".join(meta.get("unreadable", [])) or "see the stats"
+        print(f"{p.prog}: warning: skipped {meta['stats']['unreadable']} unreadable image(s) (truncated or corrupt; "
+              f"re-download or delete them): {named}", file=sys.stderr, flush=True)
     return 0
 
 

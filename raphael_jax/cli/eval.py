@@ -11,16 +11,19 @@
     raphael-eval sfd score --net weights/shapes_fd.safetensors --workdir runs/tiny
     raphael-eval clip-score runs/tiny/samples --clip-model weights/clip-vit-l-14
 
-See docs/EVALUATION.md and the library modules in ``raphael_jax.evaluation``.
+See docs/EVALUATION.md and the library modules in ``raphael_jax.evaluation``. Bad input (a folder that is
+no trained run, missing or corrupt weights / tokenizer / statistics files, an existing output file) is
+refused with one line and exit status 2 before anything is loaded or written (``--debug``: the traceback).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
+
+from raphael_jax.cli import add_debug_flag, require_run, run_guarded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip file names matching this; repeatable (default: grid*.png)")
     c.add_argument("--batch-size", type=int, default=32, help="images per CLIP call")
     c.add_argument("--json", default=None, help="write the mean and per-image scores here")
-    return p
+    return add_debug_flag(p)
 
 
 def _encoder_args(p) -> None:
@@ -105,16 +108,14 @@ def _encoder_args(p) -> None:
     p.add_argument("--tokenizer", default=None, help="latent runs: CLIP tokenizer folder (default: --clip)")
 
 
-def _load_sampler(p: argparse.ArgumentParser, args):
-    """The run's Sampler (EMA weights), or a one-line argparse error (exit 2) for a bad run or encoder folder."""
+def _load_sampler(args):
+    """The run's Sampler (EMA weights); a folder that is no run, or a bad encoder folder, raises (one line)."""
+    require_run(args.workdir)
     from raphael_jax.sampling import Sampler
     from raphael_jax.train.checkpoint import load_run
 
-    try:
-        return Sampler.from_run(load_run(args.workdir, weights="ema"), clip_dir=getattr(args, "clip", None),
-                                vae_dir=getattr(args, "vae", None), tokenizer_dir=getattr(args, "tokenizer", None))
-    except (FileNotFoundError, ValueError) as e:
-        p.error(str(e).splitlines()[0])
+    return Sampler.from_run(load_run(args.workdir, weights="ema"), clip_dir=getattr(args, "clip", None),
+                            vae_dir=getattr(args, "vae", None), tokenizer_dir=getattr(args, "tokenizer", None))
 
 
 def _coco_fid_parser(p: argparse.ArgumentParser) -> None:
@@ -152,28 +153,29 @@ def _coco_fid_parser(p: argparse.ArgumentParser) -> None:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    return {"alignment": _alignment, "probe": _probe, "fid": _fid, "coco-fid": _coco_fid, "sfd": _sfd,
-            "clip-score": _clip_score}[args.what](p, args)
+    run = {"alignment": _alignment, "probe": _probe, "fid": _fid, "coco-fid": _coco_fid, "sfd": _sfd,
+           "clip-score": _clip_score}[args.what]
+    return run_guarded(p.prog, args.debug, lambda: run(p, args))
 
 
 def _alignment(p: argparse.ArgumentParser, args) -> int:
     from raphael_jax.config import apply_overrides
     from raphael_jax.evaluation.alignment import evaluate_alignment, save_results
 
-    sampler = _load_sampler(p, args)
-    cfg = sampler.config
     if any(not kv.startswith("sample.") for kv in args.set):
         p.error("--set only overrides sample.* settings (the weights fix everything else)")
-    try:
-        apply_overrides(cfg, args.set)
-    except (KeyError, ValueError) as e:
-        p.error(f"--set: {e}")
     try:
         objects = tuple(int(x) for x in args.objects.split(","))
     except ValueError:
         p.error(f"--objects must be comma-separated integers, got {args.objects!r}")
     if any(not 1 <= n <= 3 for n in objects):
         p.error("--objects: the shapes world has 1 to 3 objects per scene")
+    sampler = _load_sampler(args)
+    cfg = sampler.config
+    try:
+        apply_overrides(cfg, args.set)
+    except (KeyError, ValueError) as e:
+        p.error(f"--set: {e}")
     guidance = cfg.sample.guidance if args.guidance is None else args.guidance
     step = int(sampler.step)
     print(f"alignment of {args.workdir} at step {step}, guidance {guidance}, "
@@ -189,11 +191,17 @@ def _alignment(p: argparse.ArgumentParser, args) -> int:
 def _probe(p: argparse.ArgumentParser, args) -> int:
     from raphael_jax.evaluation.denoise_probe import denoise_probe
 
-    sampler = _load_sampler(p, args)
+    try:
+        timesteps = tuple(int(t) for t in args.timesteps.split(","))
+    except ValueError:
+        p.error(f"--timesteps must be comma-separated integers, got {args.timesteps!r}")
+    if args.num < 1:
+        p.error("--num must be at least 1")
+    sampler = _load_sampler(args)
     if sampler.latent:
         p.error("probe: the one-step probe noises rendered shapes-world images (pixel runs only); "
                 "use `raphael-eval alignment` for latent runs")
-    res = denoise_probe(sampler, tuple(int(t) for t in args.timesteps.split(",")), args.num)
+    res = denoise_probe(sampler, timesteps, args.num)
     print(f"one-step x0 from x_t, {args.num} held-out single-object scenes, step {sampler.step}")
     for t, r in res.items():
         print(f"  t={t:4d}: " + "  ".join(f"{k} {v:.3f}" for k, v in r.items()))
@@ -207,6 +215,10 @@ def _fid(p: argparse.ArgumentParser, args) -> int:
     from raphael_jax.evaluation.inception import InceptionConfig, load_inception
     from raphael_jax.parallel.distributed import maybe_initialize
 
+    for src in (args.a,) if args.cmd == "stats" else (args.a, args.b):
+        _check_fid_source(src)
+    if args.cmd == "stats":
+        _check_new_file(args.b, ".npz")
     maybe_initialize()
     net = load_inception(args.weights, InceptionConfig(channel_divisor=args.channel_divisor))
     extract = FeatureExtractor(net, args.batch_size)
@@ -223,6 +235,30 @@ def _fid(p: argparse.ArgumentParser, args) -> int:
     if jax.process_index() == 0:
         print(f"\nFID: {fid:.4f}")
     return 0
+
+
+def _check_fid_source(src: str) -> None:
+    """A folder of images, an existing .npz or tfds:NAME[:SPLIT]; raises (one line) before Inception loads."""
+    if src.startswith("tfds:"):
+        return
+    if src.endswith(".npz"):
+        if not os.path.isfile(src):
+            raise FileNotFoundError(f"{src}: no such statistics file (write one with `raphael-eval fid stats`)")
+    elif not os.path.isdir(src):
+        raise FileNotFoundError(f"{src}: no such folder of images (give a folder, an .npz or tfds:NAME[:SPLIT])")
+
+
+def _check_new_file(path: str, suffix: str) -> None:
+    """An output file to create: it must end with ``suffix`` and not exist (never overwritten)."""
+    if not path.endswith(suffix):
+        raise ValueError(f"{path}: the output must be a {suffix} file")
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists; refusing to overwrite it: remove it or give a new name")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"{path}: {parent} is a file, so {path} cannot be written")
 
 
 def _coco_fid(p: argparse.ArgumentParser, args) -> int:
@@ -243,6 +279,11 @@ def _coco_fid(p: argparse.ArgumentParser, args) -> int:
         p.error("give --annotations captions_val2014.json or --tfds coco_captions:val")
     if not ((args.ref_stats and Path(args.ref_stats).is_file()) or args.coco_images or args.tfds):
         p.error("no reference: give --ref-stats FILE.npz (existing), --coco-images DIR or --tfds")
+    if args.sampler.startswith("workdir:"):
+        require_run(args.sampler.partition(":")[2])
+    if not Path(args.inception_weights).is_file():
+        raise FileNotFoundError(f"--inception-weights {args.inception_weights}: no such file "
+                                "(make it with `raphael-convert inception`)")
     maybe_initialize()
     t0 = time.time()
     entries = (
@@ -259,12 +300,9 @@ def _coco_fid(p: argparse.ArgumentParser, args) -> int:
         extract, drawn, ref_stats=args.ref_stats, coco_images=args.coco_images, ref_images=args.ref_images,
         ref_max_images=args.ref_max_images, tfds=args.tfds, tfds_data_dir=args.tfds_data_dir,
         image_size=args.image_size, batch_size=args.fid_batch_size)
-    try:
-        sampler = make_sampler(args.sampler, image_size=args.image_size, seed=args.sample_seed,
-                               guidance=args.guidance, num_steps=args.steps, factory_args=args, height=args.height,
-                               width=args.width, clip_dir=args.clip, vae_dir=args.vae, tokenizer_dir=args.tokenizer)
-    except (FileNotFoundError, ValueError) as e:
-        p.error(str(e).splitlines()[0])
+    sampler = make_sampler(args.sampler, image_size=args.image_size, seed=args.sample_seed,
+                           guidance=args.guidance, num_steps=args.steps, factory_args=args, height=args.height,
+                           width=args.width, clip_dir=args.clip, vae_dir=args.vae, tokenizer_dir=args.tokenizer)
     scorer = None
     if args.clip_model:
         from raphael_jax.evaluation.clip_score import ClipScorer
@@ -292,6 +330,7 @@ def _sfd(p: argparse.ArgumentParser, args) -> int:
     from raphael_jax.evaluation.shapes_fd import ShapesNetConfig, save_feature_net, score_run, train_feature_net
 
     if args.cmd == "train":
+        _check_new_file(args.out, ".safetensors")
         model, metrics = train_feature_net(
             args.steps, args.batch_size, args.lr, args.seed, ShapesNetConfig(image_size=args.image_size)
         )
@@ -302,6 +341,11 @@ def _sfd(p: argparse.ArgumentParser, args) -> int:
         lo, hi = (int(v) for v in args.objects.split(","))
     except ValueError:
         p.error(f"--objects takes min,max, got {args.objects!r}")
+    if not 1 <= lo <= hi:
+        p.error(f"--objects takes min,max with 1 <= min <= max, got {args.objects!r}")
+    if not os.path.isfile(args.net):
+        raise FileNotFoundError(f"--net {args.net}: no such file (train one with `raphael-eval sfd train --out FILE`)")
+    require_run(args.workdir)
     sfd, out = score_run(args.net, args.workdir, num=args.num, objects=(lo, hi), seed=args.seed,
                          guidance=args.guidance, num_steps=args.steps)
     print(f"SFD ({args.num} held-out scenes, {lo}-{hi} objects): {sfd:.4f}  -> {out}")
@@ -315,11 +359,7 @@ def _clip_score(p: argparse.ArgumentParser, args) -> int:
         p.error(f"{args.folder}: no such folder")
     exclude = ("grid*.png",) if args.exclude is None else tuple(args.exclude)
     scorer = ClipScorer.from_pretrained(args.clip_model, args.tokenizer, batch_size=args.batch_size)
-    try:
-        res = score_folder(scorer, args.folder, pattern=args.pattern, exclude=exclude)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = score_folder(scorer, args.folder, pattern=args.pattern, exclude=exclude)
     skipped = f", {len(res['skipped'])} without a prompt skipped" if res["skipped"] else ""
     print(f"CLIP score: {res['clip_score']:.3f} ({res['num_images']} images{skipped})")
     if args.json:

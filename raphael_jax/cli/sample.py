@@ -5,12 +5,15 @@ Samples with the run's EMA weights (DDIM + CFG, :class:`raphael_jax.sampling.Sam
 Latent runs load the CLIP text tower, tokenizer and VAE recorded in ``DIR/encoders.json``;
 ``--clip`` / ``--vae`` / ``--tokenizer`` point at them when the weights moved. ``--height`` /
 ``--width`` choose the image size (latent runs: any of the trained buckets, e.g. 448x832; default
-the most square one).
+the most square one). Exit status 2 with one error line for bad arguments, a folder that is no trained
+run, or missing / corrupt encoder or tokenizer files (``--debug``: the traceback).
 """
 from __future__ import annotations
 
 import argparse
 import os
+
+from raphael_jax.cli import add_debug_flag, require_run, run_guarded
 
 
 def main(argv=None) -> int:
@@ -33,6 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (default: --clip, else the recorded one)")
     p.add_argument("--fsdp", action="store_true",
                    help="shard the weights over the local devices (models that do not fit one device)")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     if args.num < 1:
         p.error("--num must be at least 1")
@@ -45,30 +49,31 @@ def main(argv=None) -> int:
             p.error("--prompt must not be empty (use a caption such as 'a big red circle at the top left')")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file, not a folder")
+    return run_guarded(p.prog, args.debug, lambda: _sample(args), system_exit=True)
 
+
+def _sample(args) -> int:
+    """Loads the run (one-line errors for a wrong folder or corrupt files), samples, writes the PNGs."""
+    require_run(args.workdir)
     from raphael_jax.sampling import Sampler, image_grid, local_plan, save_png
     from raphael_jax.train.checkpoint import load_run
 
-    try:
-        if not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
-            raise FileNotFoundError(f"{args.workdir} holds no checkpoints (a raphael-train --workdir)")
-        plan = None
-        if args.fsdp:
-            from raphael_jax.train.checkpoint import RunCheckpoints
+    plan = None
+    if args.fsdp:
+        from raphael_jax.train.checkpoint import RunCheckpoints
 
-            ck = RunCheckpoints(args.workdir, async_save=False)
-            plan = local_plan(ck.restore_config(args.step))
-            ck.close()
-        run = load_run(args.workdir, args.step, weights="ema", plan=plan)
-        sampler = Sampler.from_run(run, clip_dir=args.clip, vae_dir=args.vae, tokenizer_dir=args.tokenizer,
-                                   plan=plan, shard_params=args.fsdp)
-        height, width = sampler.check_size(args.height, args.width)
-    except (FileNotFoundError, ValueError) as e:
-        p.error(str(e).splitlines()[0])
+        ck = RunCheckpoints(args.workdir, async_save=False)
+        plan = local_plan(ck.restore_config(args.step))
+        ck.close()
+    run = load_run(args.workdir, args.step, weights="ema", plan=plan)
+    sampler = Sampler.from_run(run, clip_dir=args.clip, vae_dir=args.vae, tokenizer_dir=args.tokenizer,
+                               plan=plan, shard_params=args.fsdp)
+    height, width = sampler.check_size(args.height, args.width)
     if sampler.buckets and (height, width) not in sampler.buckets:
         print(f"note: {height}x{width} is not one of the run's trained sizes {sampler.buckets}")
     prompts = [pr for pr in args.prompt for _ in range(args.num)]
-    print(f"sampling {len(prompts)} images of {height}x{width} from step {sampler.step} of {args.workdir}", flush=True)
+    print(f"sampling {len(prompts)} images of {height}x{width} from step {sampler.step} of {args.workdir}",
+          flush=True)
     images = sampler.sample(prompts, seed=args.seed, num_steps=args.steps, guidance=args.guidance, eta=args.eta,
                             batch_size=args.batch_size, height=height, width=width)
     os.makedirs(args.out, exist_ok=True)

@@ -44,11 +44,7 @@ def main(argv=None) -> int:
                    help="resume a workdir with a config that differs in more than steps / intervals / sampling")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args = p.parse_args(argv)
-    from raphael_jax.config import ConfigError, load_config
     from raphael_jax.parallel.distributed import maybe_initialize
-    from raphael_jax.train.checkpoint import CheckpointWriteError
-    from raphael_jax.train.loop import ConfigMismatchError, NonFiniteError, train_and_evaluate
-    from raphael_jax.train.preemption import Preempted
 
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be a positive step number, got {args.steps}")
@@ -57,7 +53,39 @@ def main(argv=None) -> int:
         print(f"raphael-train: error: {msg}", file=sys.stderr, flush=True)
         return 2
 
-    maybe_initialize()  # before anything touches JAX's backends (load_config may)
+    multi = maybe_initialize()  # before anything touches JAX's backends (load_config may)
+    if not multi:
+        return _train(args, fail)
+    # Several processes: a failing one leaves at once, so that the others are stopped within the heartbeat
+    # timeout instead of waiting at jax's shutdown barrier (raphael_jax/parallel/distributed.py).
+    import jax
+
+    from raphael_jax.parallel.distributed import exit_now, peer_failure
+
+    where = f"process {jax.process_index()} of {jax.process_count()}"
+    try:
+        status = _train(args, fail)
+    except Exception as e:
+        lost = peer_failure(e)
+        if lost is None or args.debug:
+            import traceback
+
+            traceback.print_exc()
+        else:
+            print(f"raphael-train: error: {where}: another process failed or stopped answering ({lost}); "
+                  "see its log for the cause", file=sys.stderr, flush=True)
+        exit_now(1)
+    if status not in (0, 128 + 15, 128 + 2):  # done and preempted (all processes agree) shut down normally
+        exit_now(status)
+    return status
+
+
+def _train(args, fail) -> int:
+    from raphael_jax.config import ConfigError, load_config
+    from raphael_jax.train.checkpoint import CheckpointWriteError
+    from raphael_jax.train.loop import ConfigMismatchError, NonFiniteError, train_and_evaluate
+    from raphael_jax.train.preemption import Preempted
+
     try:
         config = load_config(args.config, args.set)
     except (ConfigError, KeyError, ValueError, FileNotFoundError) as e:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "read_pickle_tensors",
     "read_tensors",
     "safetensors_shapes",
+    "torch_load_weights",
     "torch_to_nnx",
     "write_safetensors",
 ]
@@ -50,10 +51,22 @@ class ConversionError(ValueError):
 
 
 def read_config(src_dir: str | Path) -> dict[str, Any]:
-    path = Path(src_dir) / "config.json"
+    """``config.json`` of a save_pretrained directory; a one-line ConversionError when absent or not JSON."""
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise ConversionError(f"{src_dir}: no such folder (give the folder save_pretrained wrote: config.json + "
+                              "*.safetensors)")
+    path = src / "config.json"
     if not path.is_file():
-        raise ConversionError(f"{src_dir}: no config.json (expected a save_pretrained directory)")
-    return json.loads(path.read_text())
+        raise ConversionError(f"{src_dir}: no config.json (expected a save_pretrained directory): copy the "
+                              "model's config.json there or give the folder save_pretrained wrote")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON (truncated or corrupt? {e}): re-download it") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path} is not a JSON object (a model config): re-download it")
+    return config
 
 
 def _pickle_files(src_dir: Path) -> list[Path]:
@@ -113,11 +126,45 @@ def open_weights_dir(
     return hf_config, safetensors_shapes(files), lambda names: read_tensors(files, names)
 
 
+_MAX_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
+
+
+def _not_safetensors(path: Path, why: str) -> ConversionError:
+    return ConversionError(f"{path} is not a safetensors file (truncated or corrupt? {why}): re-download it "
+                           "or convert it again")
+
+
 def _header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header (tensor name -> dtype, shape, data_offsets) and where the data starts; a one-line
+    ConversionError naming the file when it is not a complete safetensors file."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        head = f.read(8)
+        if len(head) < 8:
+            raise _not_safetensors(path, f"{size} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, _MAX_HEADER):
+            raise _not_safetensors(path, f"its header length {n} does not fit in its {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise _not_safetensors(path, "its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _not_safetensors(path, "its header is not a JSON object")
     header.pop("__metadata__", None)
+    end = 0
+    for name, info in header.items():
+        try:
+            begin, stop = (int(x) for x in info["data_offsets"])
+            shape = [int(d) for d in info["shape"]]
+            str(info["dtype"])
+        except (TypeError, KeyError, ValueError):
+            raise _not_safetensors(path, f"tensor {name!r} has no dtype / shape / data_offsets") from None
+        if not 0 <= begin <= stop or any(d < 0 for d in shape):
+            raise _not_safetensors(path, f"tensor {name!r} has offsets {begin}..{stop}")
+        end = max(end, stop)
+    if 8 + n + end > size:
+        raise _not_safetensors(path, f"its tensors need {8 + n + end} bytes, the file has {size}")
     return header, 8 + n
 
 
@@ -136,17 +183,20 @@ def read_tensors(files: Iterable[Path], names: Iterable[str] | None = None) -> d
     out: dict[str, np.ndarray] = {}
     for path in files:
         header, data_start = _header(path)
-        with safe_open(str(path), framework="np") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                if wanted is not None and key not in wanted:
-                    continue
-                info = header[key]
-                if info["dtype"] == "BF16":  # numpy has no bfloat16: read the raw bytes
-                    begin, end = info["data_offsets"]
-                    raw = np.fromfile(path, dtype=np.uint8, count=end - begin, offset=data_start + begin)
-                    out[key] = raw.view(ml_dtypes.bfloat16).reshape(info["shape"])
-                else:
-                    out[key] = f.get_tensor(key)
+        try:
+            with safe_open(str(path), framework="np") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    if wanted is not None and key not in wanted:
+                        continue
+                    info = header[key]
+                    if info["dtype"] == "BF16":  # numpy has no bfloat16: read the raw bytes
+                        begin, end = info["data_offsets"]
+                        raw = np.fromfile(path, dtype=np.uint8, count=end - begin, offset=data_start + begin)
+                        out[key] = raw.view(ml_dtypes.bfloat16).reshape(info["shape"])
+                    else:
+                        out[key] = f.get_tensor(key)
+        except SafetensorError as e:
+            raise _not_safetensors(path, str(e).splitlines()[0] if str(e) else "unreadable") from None
     return out
 
 
@@ -156,7 +206,10 @@ def read_pickle_tensors(src_dir: str | Path, stem: str) -> dict[str, np.ndarray]
     ``weights_only=True`` restricts unpickling to tensors and plain containers, so no code from the
     file runs. Needs torch. Only the converter's ``--from-pickle`` calls this.
     """
-    import torch  # optional dependency, only for --from-pickle
+    try:
+        import torch  # optional dependency, only for --from-pickle
+    except ImportError:
+        raise ConversionError("--from-pickle needs torch (pip install torch)") from None
 
     src = Path(src_dir)
     index = src / f"{stem}.bin.index.json"
@@ -170,7 +223,7 @@ def read_pickle_tensors(src_dir: str | Path, stem: str) -> dict[str, np.ndarray]
             raise ConversionError(f"{src}: expected {stem}.bin or exactly one pickle file, found {files}")
     out: dict[str, np.ndarray] = {}
     for path in files:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch_load_weights(torch, path)
         if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
             sd = sd["state_dict"]
         for k, v in sd.items():
@@ -178,6 +231,19 @@ def read_pickle_tensors(src_dir: str | Path, stem: str) -> dict[str, np.ndarray]
                 v = v.detach()
                 out[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
     return out
+
+
+def torch_load_weights(torch, path: Path, hint: str = "re-download it"):
+    """``torch.load(path, weights_only=True)``, or a one-line ConversionError naming the file when it is
+    missing, truncated, corrupt or holds more than tensors."""
+    if not Path(path).is_file():
+        raise ConversionError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (pickle, zip and torch raise many kinds for a bad file)
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:120]  # torch's messages run long
+        raise ConversionError(f"{path} is not a PyTorch weights file that torch.load(weights_only=True) reads "
+                              f"(truncated or corrupt? {type(e).__name__}: {first}): {hint}") from None
 
 
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | Path) -> None:

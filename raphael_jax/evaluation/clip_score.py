@@ -113,9 +113,10 @@ class ClipScorer:
         preprocessor_config.json); the tokenizer files may live in ``tokenizer_dir``."""
         from raphael_jax.data.real.clip_tokenizer import load_clip_tokenizer
 
+        tokenizer = load_clip_tokenizer(tokenizer_dir or clip_dir)  # first: a bad folder fails before the model
         model = load_clip_model(clip_dir)
         proc = load_image_processor_config(clip_dir, model.vision_model.config.image_size)
-        return cls(model, load_clip_tokenizer(tokenizer_dir or clip_dir), proc, **kw)
+        return cls(model, tokenizer, proc, **kw)
 
     def _padded(self, fn, *arrays):
         n = arrays[0].shape[0]

@@ -366,7 +366,8 @@ def load_inception(path: str | Path, cfg: InceptionConfig = InceptionConfig()) -
     """
     path = Path(path)
     if not path.is_file():
-        raise sio.ConversionError(f"{path}: no such file")
+        raise sio.ConversionError(f"{path}: no such file (make it with `raphael-convert inception "
+                                  f"{FID_WEIGHTS_FILE} {path}`)")
     if path.suffix in sio.PICKLE_SUFFIXES:
         raise sio.ConversionError(
             f"{path} is a pickle file, which raphael_jax never unpickles on load; convert it once with "
@@ -384,7 +385,8 @@ def _check_hash(path: Path) -> None:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if not digest.startswith(m.group(1)):
         raise sio.ConversionError(
-            f"{path}: sha256 {digest[:16]}... does not start with {m.group(1)} (corrupt or wrong file)"
+            f"{path}: sha256 {digest[:16]}... does not start with {m.group(1)} (corrupt or wrong file): "
+            f"re-download it from {FID_WEIGHTS_URL}"
         )
 
 
@@ -394,13 +396,17 @@ def convert_pytorch_fid_weights(src: str | Path, out: str | Path, cfg: Inception
     The tensors are checked against the network (names and shapes) before anything is written;
     ``out`` must not exist. All tensors are kept as they are (``fc.*`` included).
     """
-    import torch  # only for this one-time conversion
-
     src, out = Path(src), Path(out)
+    if not src.is_file():
+        raise sio.ConversionError(f"{src}: no such file (download {FID_WEIGHTS_FILE} from {FID_WEIGHTS_URL})")
     if out.exists():
-        raise sio.ConversionError(f"{out} exists; refusing to overwrite")
+        raise sio.ConversionError(f"{out} exists; refusing to overwrite it: remove it or give a new name")
+    try:
+        import torch  # only for this one-time conversion
+    except ImportError:
+        raise sio.ConversionError("converting the .pth needs torch (pip install torch)") from None
     _check_hash(src)
-    sd = torch.load(src, map_location="cpu", weights_only=True)
+    sd = sio.torch_load_weights(torch, src, f"re-download it from {FID_WEIGHTS_URL}")
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     tensors = {k: v.detach().cpu().numpy() for k, v in sd.items() if isinstance(v, torch.Tensor)}

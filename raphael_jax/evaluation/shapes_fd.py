@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from raphael_jax.data.shapes.world import COLOURS, KINDS, PLACES, SIZES, example
@@ -231,12 +231,20 @@ def save_feature_net(model: ShapesFeatureNet, path: str | Path, metrics: dict | 
 
 
 def load_feature_net(path: str | Path) -> tuple[ShapesFeatureNet, dict[str, Any]]:
-    """The net and its training metrics, from :func:`save_feature_net`'s file."""
-    with safe_open(str(path), framework="np") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a shapes feature net (format {meta.get('format')!r})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    """The net and its training metrics, from :func:`save_feature_net`'s file (FileNotFoundError / a one-line
+    ValueError naming the file when it is missing, corrupt or another kind of file)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file (train the net with `raphael-eval sfd train --out FILE`)")
+    hint = "train it again with `raphael-eval sfd train --out FILE`"
+    try:
+        with safe_open(str(path), framework="np") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path}: not a shapes feature net (format {meta.get('format')!r}): {hint}")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a safetensors file (truncated or corrupt? "
+                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'}): {hint}") from None
     raw = json.loads(meta["config"])
     cfg = ShapesNetConfig(**{**raw, "widths": tuple(raw["widths"])})
     graphdef, state = nnx.split(nnx.eval_shape(lambda: ShapesFeatureNet(cfg, rngs=nnx.Rngs(0))))

@@ -26,6 +26,7 @@ from raphael_jax.parallel.rules import ShardingPlan
 from raphael_jax.parallel.sharding import global_batch, with_shardings
 from raphael_jax.sampling import Sampler, image_grid, save_png
 from raphael_jax.train.checkpoint import RunCheckpoints, abstract_like
+from raphael_jax.train.host_memory import release_free_memory
 from raphael_jax.train.preemption import Preempted, StopSignals
 from raphael_jax.train.state import abstract_train_state, make_optimizer, sharded_init
 from raphael_jax.train.step import jit_train_step, make_train_step, step_rng
@@ -356,6 +357,8 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None, *,
             if logging or len(unchecked) >= limit:
                 check_nonfinite()
             if logging:
+                if not ckpts.manager.is_saving_in_progress() and os.environ.get("RAPHAEL_NO_TRIM") != "1":
+                    release_free_memory()  # the last save's host buffers (raphael_jax/train/host_memory.py)
                 means = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]
                          if k != "nonfinite"}
                 means["nonfinite_steps"] = float(sum(jax.device_get(m["nonfinite"]) for m in pending))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import warnings
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+from PIL import UnidentifiedImageError
 from tensorflow_datasets.core import utils as tfds_utils
 
 from raphael_jax.data.edges import get_edge_source
@@ -129,22 +131,10 @@ class ImageText(tfds.core.GeneratorBasedBuilder):
         bucket_ids: list[str] = []
         bad: list[str] = []
         for raw in iter_source_examples(c.sources, stats):
-            if raw.caption is None:
-                stats["no_caption"] += 1
+            ready = _prepare(raw, filt, buckets, stats, bad)
+            if ready is None:
                 continue
-            caption, reason = filt.check(raw.caption, raw.meta)
-            if caption is None:
-                stats[reason] += 1
-                continue
-            try:
-                im = load_image(raw.read())
-                orig_w, orig_h = im.size
-                arr, b = resize_to_bucket(im, buckets)
-            except Exception as e:  # noqa: BLE001 (PIL raises many kinds for bad files)
-                stats["unreadable"] += 1
-                if len(bad) < 5:
-                    bad.append(f"{raw.key} ({type(e).__name__}: {e})")
-                continue
+            caption, arr, b, (orig_h, orig_w) = ready
             edges = encode_edges(edge_fn(arr)) if edge_fn is not None else b""
             aesthetic, watermark = CaptionFilter.scores(raw.meta)
             bucket_ids.append(str(b))
@@ -161,8 +151,55 @@ class ImageText(tfds.core.GeneratorBasedBuilder):
             "stats": {"kept": len(bucket_ids), **stats}, "bucket_counts": counts,
             "bucket_ids": "".join(bucket_ids), "buckets": [list(hw) for hw in buckets],
             "image_format": c.image_format, "edge_source": c.edge_source, "scale_divisor": c.scale_divisor,
+            "unreadable": bad,  # the first few skipped images: path (error)
         })
         self.stats = {"kept": len(bucket_ids), **stats}
+
+
+def _prepare(raw, filt: CaptionFilter, buckets, stats: dict, bad: list[str]):
+    """``(caption, resized uint8 image, bucket id, (orig_h, orig_w))`` of one candidate, or None when it is
+    skipped (the reason counted in ``stats``; an unreadable image also named in ``bad``, at most 5)."""
+    if raw.caption is None:
+        stats["no_caption"] += 1
+        return None
+    caption, reason = filt.check(raw.caption, raw.meta)
+    if caption is None:
+        stats[reason] += 1
+        return None
+    try:
+        im = load_image(raw.read())
+        orig_w, orig_h = im.size
+        arr, b = resize_to_bucket(im, buckets)
+    except Exception as e:  # noqa: BLE001 (PIL raises many kinds for bad files)
+        stats["unreadable"] += 1
+        if len(bad) < 5:
+            why = "not an image PIL can read" if isinstance(e, UnidentifiedImageError) else \
+                (str(e).strip().splitlines() or [""])[0]
+            bad.append(f"{raw.origin or raw.key} ({type(e).__name__}: {why})")
+        return None
+    return caption, arr, b, (orig_h, orig_w)
+
+
+def check_sources(config: ImageTextConfig) -> None:
+    """Raises before a build writes anything unless the sources hold at least one usable example (an image
+    that decodes, with a caption the filters keep); reads up to the first one. The error names what was
+    skipped and why (e.g. every image unreadable, no ``.txt`` captions)."""
+    buckets = tuple(config.buckets) if config.buckets is not None else scaled_buckets(config.scale_divisor)
+    filt = CaptionFilter(config.min_aesthetic, config.max_watermark)
+    stats: dict = {}
+    bad: list[str] = []
+    for raw in iter_source_examples(config.sources, stats):
+        if _prepare(raw, filt, buckets, stats, bad) is not None:
+            return
+    where = ", ".join(config.sources)
+    skipped = {k: v for k, v in stats.items() if v}
+    if not skipped:
+        raise ValueError(f"image_text: no images in {where}: put image files with a caption (.txt of the same "
+                         "name, or a metadata.jsonl) there, or give .tar shards")
+    detail = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped.items())
+    example = f"; e.g. {bad[0]}" if bad else ""
+    raise ValueError(f"image_text: no usable image-caption pair in {where} (skipped: {detail}{example}): "
+                     "fix or replace those files, add captions, or relax --min-aesthetic / --max-watermark")
 
 
 def build_image_text_dataset(data_dir, sources, name: str | None = None, **kwargs) -> ImageText:
@@ -170,8 +207,22 @@ def build_image_text_dataset(data_dir, sources, name: str | None = None, **kwarg
 
     ``kwargs`` go to :func:`make_config` (scale_divisor or buckets, min_aesthetic, max_watermark,
     edge_source, image_format, jpeg_quality). The build lands in ``data_dir/image_text/<name>/1.0.0``.
+    Before a new build writes anything, ``data_dir`` must not be a file and the sources must hold a usable
+    example (:func:`check_sources`); otherwise nothing is created.
     """
     config = make_config(sources, name=name, **kwargs)
-    builder = ImageText(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
+    data_dir = os.fspath(data_dir)
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise NotADirectoryError(f"image_text: data_dir {data_dir} is a file, not a folder: give a tfds data folder")
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # tfds' notes on custom configs and not-yet-built folders: noise here
+    try:
+        builder = ImageText(config=config, data_dir=data_dir, file_format="array_record")
+        prepared = builder.is_prepared()
+    finally:
+        absl.setLevel(level)
+    if not prepared:
+        check_sources(config)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder

@@ -79,17 +79,19 @@ class RawExample:
     caption: str | None
     meta: dict
     read: Callable[[], bytes]
+    origin: str = ""  # where the image is, for messages: a file path or ``shard.tar:member``
 
 
 def _expand(entry: str) -> list[Path]:
     if any(ch in entry for ch in "*?["):
         paths = sorted(Path(p) for p in glob.glob(entry))
         if not paths:
-            raise FileNotFoundError(f"image_text: no file matches {entry!r}")
+            raise FileNotFoundError(f"image_text: no file matches {entry!r}: check the pattern")
         return paths
     p = Path(entry)
     if not p.exists():
-        raise FileNotFoundError(f"image_text: source {entry!r} does not exist")
+        raise FileNotFoundError(f"image_text: source {entry!r} does not exist: give an image folder, a .tar "
+                                "shard or a glob of them")
     return [p]
 
 
@@ -134,14 +136,14 @@ def _iter_folder(root: Path, prefix: str, stats: dict) -> Iterator[RawExample]:
             if caption is None:
                 caption = _side_caption(path)
             meta = {k: v for k, v in row.items() if k not in (col, cap_col)}
-            yield RawExample(f"{prefix}/{rel}", caption, meta, _read_file(path))
+            yield RawExample(f"{prefix}/{rel}", caption, meta, _read_file(path), str(path))
         return
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS):
         caption = _side_caption(path)
         if caption is None:
             stats["no_caption"] += 1
             continue
-        yield RawExample(f"{prefix}/{path.relative_to(root).as_posix()}", caption, {}, _read_file(path))
+        yield RawExample(f"{prefix}/{path.relative_to(root).as_posix()}", caption, {}, _read_file(path), str(path))
 
 
 def _wds_key(name: str) -> tuple[str, str]:
@@ -151,7 +153,7 @@ def _wds_key(name: str) -> tuple[str, str]:
     return (f"{d}/{stem}" if d else stem), (ext.lower() if dot else "")
 
 
-def _tar_sample(prefix: str, key: str, files: dict, stats: dict) -> RawExample | None:
+def _tar_sample(prefix: str, key: str, files: dict, stats: dict, tar: str = "") -> RawExample | None:
     img_ext = next((e for e in files if "." + e.rsplit(".", 1)[-1] in IMAGE_EXTS), None)
     if img_ext is None:
         return None
@@ -172,7 +174,7 @@ def _tar_sample(prefix: str, key: str, files: dict, stats: dict) -> RawExample |
         return None
     meta = {k: v for k, v in meta.items() if str(k).lower() not in CAPTION_COLUMNS}
     data = files[img_ext]
-    return RawExample(f"{prefix}/{key}", caption, meta, lambda: data)
+    return RawExample(f"{prefix}/{key}", caption, meta, lambda: data, f"{tar}:{key}.{img_ext}")
 
 
 def _iter_tar(path: Path, prefix: str, stats: dict) -> Iterator[RawExample]:
@@ -184,13 +186,13 @@ def _iter_tar(path: Path, prefix: str, stats: dict) -> Iterator[RawExample]:
                 continue
             k, ext = _wds_key(m.name)
             if k != key:
-                if key is not None and (ex := _tar_sample(prefix, key, files, stats)) is not None:
+                if key is not None and (ex := _tar_sample(prefix, key, files, stats, str(path))) is not None:
                     yield ex
                 key, files = k, {}
             if ext.rsplit(".", 1)[-1] in wanted:
                 f = tar.extractfile(m)
                 files[ext] = f.read() if f is not None else b""
-        if key is not None and (ex := _tar_sample(prefix, key, files, stats)) is not None:
+        if key is not None and (ex := _tar_sample(prefix, key, files, stats, str(path))) is not None:
             yield ex
 
 
