@@ -53,7 +53,12 @@ def main(argv=None) -> int:
         print(f"raphael-train: error: {msg}", file=sys.stderr, flush=True)
         return 2
 
-    multi = maybe_initialize()  # before anything touches JAX's backends (load_config may)
+    try:
+        multi = maybe_initialize()  # before anything touches JAX's backends (load_config may)
+    except ValueError as e:  # a malformed RAPHAEL_* variable
+        if args.debug:
+            raise
+        return fail(str(e).splitlines()[0])
     if not multi:
         return _train(args, fail)
     # Several processes: a failing one leaves at once, so that the others are stopped within the heartbeat
