@@ -226,20 +226,27 @@ class RunCheckpoints:
             where = f"; moved to {self.move_aside(step)}"
         print(f"warning: {error}{where}; trying the previous checkpoint", file=sys.stderr, flush=True)
 
-    def restore_with_fallback(self, abstract_state, step: int):
-        """(step, state, data_state) restored at ``step``; when its data files turn out damaged only while
-        being read (a file truncated part-way passes :meth:`check_step`), the step is reported, moved aside
-        and the newest intact earlier one restored instead. Other errors propagate."""
+    def read_with_fallback(self, step: int, read, *, fallback: bool = True):
+        """(step, ``read(step)``); when ``step``'s data files turn out damaged only while being read (a file
+        truncated part-way passes :meth:`check_step`), the step is reported, moved aside and the newest intact
+        earlier one read instead (``fallback=False``: :class:`DamagedCheckpointError`). Other errors propagate."""
         while True:
             try:
-                return (step, *self.restore(abstract_state, step))
+                return step, read(step)
             except Exception as e:  # noqa: BLE001 - sorted by read_damage below
                 damage = read_damage(e)
                 if damage is None:
                     raise
-                self.report_damaged(step, DamagedCheckpointError(
-                    f"checkpoint at step {step} in {self.directory} is damaged: {damage}"))
+                error = DamagedCheckpointError(f"checkpoint at step {step} in {self.directory} is damaged: {damage}")
+                if not fallback:
+                    raise error from None
+                self.report_damaged(step, error)
                 step = self.newest_intact_step()
+
+    def restore_with_fallback(self, abstract_state, step: int):
+        """(step, state, data_state): :meth:`restore` through :meth:`read_with_fallback`."""
+        step, (state, data_state) = self.read_with_fallback(step, lambda s: self.restore(abstract_state, s))
+        return step, state, data_state
 
     def restore_config_intact(self) -> tuple[int, ml_collections.ConfigDict]:
         """(newest intact step, its config), moving damaged newer checkpoints aside."""
@@ -260,12 +267,10 @@ class CheckpointWriteError(RuntimeError):
 
 def _root_cause(e: BaseException) -> str:
     """The innermost ``OSError`` of ``e``'s chain (``[Errno 28] No space left on device``), else ``e``'s first line."""
-    seen, cur, found = set(), e, None
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
+    found = None
+    for cur in _chain(e):
         if isinstance(cur, OSError) and cur.errno is not None:
             found = cur
-        cur = cur.__cause__ or cur.__context__
     if found is not None:
         return f"[Errno {found.errno}] {found.strerror}"
     text = str(e)
@@ -282,14 +287,20 @@ _READ_DAMAGE = ("DATA_LOSS", "OUT_OF_RANGE", "Error reading", "NOT_FOUND")
 def read_damage(e: BaseException) -> str | None:
     """The first line of the tensorstore read error (truncated, missing or corrupt data file) in ``e``'s
     chain, or None when ``e`` is not one (a bug, a wrong sharding: those must not move checkpoints aside)."""
-    seen, cur = set(), e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
+    for cur in _chain(e):
         text = str(cur)
         if any(m in text for m in _READ_DAMAGE):
             return text.strip().splitlines()[0][:300]
-        cur = cur.__cause__ or cur.__context__
     return None
+
+
+def _chain(e: BaseException):
+    """``e``, then its causes / contexts, each once."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 class DamagedCheckpointError(ValueError):
@@ -350,7 +361,7 @@ def load_run(workdir: str, step: int | None = None, *, weights: str = "both", pl
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-    explicit = step is not None  # the user asked for this step: no silent substitute
+    explicit = step is not None
     ckpts = RunCheckpoints(workdir, async_save=False)
     try:
         if ckpts.latest_step() is None:
@@ -373,22 +384,14 @@ def load_run(workdir: str, step: int | None = None, *, weights: str = "both", pl
                                        shardings)
         names = {"both": ("params", "ema_params"), "ema": ("ema_params",), "params": ("params",)}[weights]
         abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), **{k: abstract_params for k in names}}
-        while True:
-            path = os.path.join(ckpts.directory, str(step), "state")
-            try:
-                state = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-                    abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-                    partial_restore=True))
-                break
-            except Exception as e:  # noqa: BLE001 - sorted by read_damage
-                damage = read_damage(e)
-                if damage is None:
-                    raise
-                error = DamagedCheckpointError(f"checkpoint at step {step} in {ckpts.directory} is damaged: {damage}")
-                if explicit:
-                    raise error from None
-                ckpts.report_damaged(step, error)  # a file truncated part-way: found only while reading
-                step = ckpts.newest_intact_step()
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+
+        def read(s):
+            return ocp.PyTreeCheckpointer().restore(os.path.join(ckpts.directory, str(s), "state"), args=(
+                ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True)))
+
+        # the user's explicit step gets no silent substitute
+        step, state = ckpts.read_with_fallback(step, read, fallback=not explicit)
     finally:
         ckpts.close()
     tokenizer = Tokenizer.load(os.path.join(workdir, TOKENIZER_FILE)) if config.text.kind == "small" else None
