@@ -206,11 +206,6 @@ def read_pickle_tensors(src_dir: str | Path, stem: str) -> dict[str, np.ndarray]
     ``weights_only=True`` restricts unpickling to tensors and plain containers, so no code from the
     file runs. Needs torch. Only the converter's ``--from-pickle`` calls this.
     """
-    try:
-        import torch  # optional dependency, only for --from-pickle
-    except ImportError:
-        raise ConversionError("--from-pickle needs torch (pip install torch)") from None
-
     src = Path(src_dir)
     index = src / f"{stem}.bin.index.json"
     if (src / f"{stem}.bin").is_file():
@@ -221,6 +216,12 @@ def read_pickle_tensors(src_dir: str | Path, stem: str) -> dict[str, np.ndarray]
         files = _pickle_files(src)
         if len(files) != 1:
             raise ConversionError(f"{src}: expected {stem}.bin or exactly one pickle file, found {files}")
+    for path in files:
+        check_torch_file(path)
+    try:
+        import torch  # optional dependency, only for --from-pickle
+    except ImportError:
+        raise ConversionError("--from-pickle needs torch (pip install torch)") from None
     out: dict[str, np.ndarray] = {}
     for path in files:
         sd = torch_load_weights(torch, path)
@@ -231,6 +232,46 @@ def read_pickle_tensors(src_dir: str | Path, stem: str) -> dict[str, np.ndarray]
                 v = v.detach()
                 out[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
     return out
+
+
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first object of a pre-1.6 torch.save stream
+
+
+def check_torch_file(path: Path, hint: str = "re-download it") -> None:
+    """Checks, without torch and without unpickling, that ``path`` is laid out as ``torch.save`` writes it:
+    a zip archive holding a ``data.pkl`` (torch >= 1.6) or a pickle stream whose first object is torch's
+    legacy magic number (read with :mod:`pickletools`, which only lists opcodes). A one-line
+    ConversionError otherwise, so a wrong file is named as such even where torch is not installed."""
+    import io
+    import pickletools
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file")
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ConversionError(f"{path} is not a PyTorch weights file (broken zip archive: {e}): {hint}") from None
+        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            raise ConversionError(f"{path} is not a PyTorch weights file (a zip archive without data.pkl): {hint}")
+        return
+    with open(path, "rb") as f:
+        head = f.read(64)
+    magic = None
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(head)):
+            if op.name in ("LONG1", "LONG4", "LONG", "INT"):
+                magic = arg
+            if op.name == "STOP" or op.name not in ("PROTO", "FRAME", "LONG1", "LONG4", "LONG", "INT"):
+                break
+    except Exception:  # noqa: BLE001 (pickletools raises ValueError and others on garbage)
+        magic = None
+    if magic != _TORCH_LEGACY_MAGIC:
+        raise ConversionError(f"{path} is not a PyTorch weights file (neither a torch zip archive nor a legacy "
+                              f"torch.save stream: truncated or corrupt?): {hint}")
 
 
 def torch_load_weights(torch, path: Path, hint: str = "re-download it"):

@@ -401,11 +401,12 @@ def convert_pytorch_fid_weights(src: str | Path, out: str | Path, cfg: Inception
         raise sio.ConversionError(f"{src}: no such file (download {FID_WEIGHTS_FILE} from {FID_WEIGHTS_URL})")
     if out.exists():
         raise sio.ConversionError(f"{out} exists; refusing to overwrite it: remove it or give a new name")
+    _check_hash(src)
+    sio.check_torch_file(src, f"re-download it from {FID_WEIGHTS_URL}")
     try:
         import torch  # only for this one-time conversion
     except ImportError:
         raise sio.ConversionError("converting the .pth needs torch (pip install torch)") from None
-    _check_hash(src)
     sd = sio.torch_load_weights(torch, src, f"re-download it from {FID_WEIGHTS_URL}")
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
