@@ -41,7 +41,8 @@ SPACE_AVERAGES = ("real", "all")                        # raphael_jax.models.moe
 TIME_MOE_IMPLS = ("gather", "ragged")                   # raphael_jax.models.moe.TimeMoE
 EDGE_TOKENS = ("eot", "mean")                           # raphael_jax.models.edge.select_token_map
 TEXT_KINDS = ("small", "external")                      # raphael_jax.models.raphael.RaphaelModel
-DATA_KINDS = ("shapes", "latents")                      # raphael_jax.train.loop.make_data_iterator
+DATA_KINDS = ("shapes", "latents", "subject")           # raphael_jax.train.loop.make_data_iterator
+LORA_TARGETS = ("attention", "experts", "gates", "convs", "projections", "text")  # raphael_jax.models.lora
 LR_SCHEDULES = ("constant", "cosine")                   # raphael_jax.train.state.LR_SCHEDULES
 LATENT_MODES = ("mean", "sample")                       # raphael_jax.tools.precompute.Encoder
 TEXT_LAYERS = ("last", "penultimate", "penultimate_ln")  # raphael_jax.models.clip_text.TEXT_LAYERS
@@ -142,6 +143,14 @@ def base_config() -> ml_collections.ConfigDict:
     da.tokenizer_dir = ""         # "" = clip_dir
     da.latent_mode = "mean"       # mean | sample (of the VAE posterior)
     da.text_layer = "last"        # last | penultimate | penultimate_ln | int index
+    # data.kind="subject": a few fixed images of one kind in a narrow set of contexts, the "new subject"
+    # of fine-tuning (raphael_jax/data/shapes/subject.py, docs/FINETUNE.md)
+    sj = da.subject = ml_collections.ConfigDict()
+    sj.kind = "ring"              # a kind of raphael_jax.data.shapes.world.ALL_KINDS
+    sj.colours = ("red", "blue")
+    sj.sizes = ("big",)
+    sj.places = ("center", "left")
+    sj.num_images = 32
 
     # --- training -------------------------------------------------------------------------
     tr = c.train = ml_collections.ConfigDict()
@@ -163,6 +172,12 @@ def base_config() -> ml_collections.ConfigDict:
     tr.max_to_keep = 2
     tr.init_from = ""             # workdir whose latest params/EMA initialize a new run (curricula)
     tr.max_nonfinite_steps = 20   # stop after this many steps in a row with a non-finite loss or gradient
+
+    # --- LoRA fine-tuning (raphael_jax/models/lora.py, docs/FINETUNE.md) ---------------------
+    lo = c.lora = ml_collections.ConfigDict()
+    lo.rank = 0                   # 0: off (every weight trains); >= 1: only adapters on train.init_from's EMA weights
+    lo.alpha = 0.0                # the adapters' A @ B is scaled by alpha / rank; 0 means alpha = rank (scale 1)
+    lo.targets = ("attention", "experts")  # groups of raphael_jax.models.lora.TARGET_GROUPS or "re:<regex>"
 
     # --- scale-out (raphael_jax.parallel, docs/SCALE_OUT.md) ------------------------------
     p = c.parallel = ml_collections.ConfigDict()
@@ -539,6 +554,28 @@ def validate(config) -> None:
     _int(c, "train.max_nonfinite_steps", 1)
     if not isinstance(_get(c, "train.init_from"), str):
         _fail("train.init_from", c.train.init_from, "must be a workdir path string ('' = none)")
+    sj = _get(c, "data.subject")
+    from raphael_jax.data.shapes import world  # numpy only
+
+    _choice(c, "data.subject.kind", world.ALL_KINDS)
+    for key, allowed in (("colours", tuple(world.COLOURS)), ("sizes", world.SIZES), ("places", tuple(world.PLACES))):
+        v = sj[key]
+        if not isinstance(v, (tuple, list)) or not v or any(x not in allowed for x in v):
+            _fail(f"data.subject.{key}", v, f"must be a non-empty tuple of {', '.join(map(repr, allowed))}")
+    _int(c, "data.subject.num_images", 1)
+
+    # --- LoRA -----------------------------------------------------------------------------
+    rank = _int(c, "lora.rank", 0)
+    _num(c, "lora.alpha", 0)
+    targets = _get(c, "lora.targets")
+    if (not isinstance(targets, (tuple, list)) or not targets
+            or any(not isinstance(t, str) or (t not in LORA_TARGETS and not t.startswith("re:")) for t in targets)):
+        _fail("lora.targets", targets, f"must be a non-empty tuple of {', '.join(map(repr, LORA_TARGETS))} "
+                                       "or 're:<regex>' strings")
+    if rank and not c.train.init_from:
+        _fail("lora.rank", rank, "needs train.init_from (the base run the adapters fine-tune; it is only read)")
+    if rank and c.data.kind == "latents" and "text" in targets:
+        _fail("lora.targets", targets, "'text' adapts the small text encoder; latent runs use external text states")
 
     # --- parallel -------------------------------------------------------------------------
     mesh = dict(_get(c, "parallel.mesh"))

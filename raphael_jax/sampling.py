@@ -36,6 +36,15 @@ __all__ = ["ClipText", "LatentDecoder", "Sampler", "ddim_options", "image_grid",
            "save_png", "to_uint8"]
 
 
+def subject_words(config, subject=None) -> tuple[str, ...]:
+    """The new kind a fine-tuning run (``data.kind="subject"``) or adapter (its ``subject`` metadata) taught."""
+    from raphael_jax.data.shapes.world import NEW_KINDS
+
+    kind = (subject or {}).get("kind") if subject is not None else (
+        config.data.subject.kind if config.data.kind == "subject" else None)
+    return (kind,) if kind in NEW_KINDS else ()
+
+
 def is_latent(config) -> bool:
     """Whether the run diffuses VAE latents (precomputed, ``data.kind = "latents"``) rather than pixels."""
     return config.data.kind == "latents"
@@ -209,6 +218,8 @@ class Sampler:
         self.config = config
         self.graphdef = graphdef
         self.tokenizer = tokenizer
+        # words expected outside the shapes tokenizer's vocabulary: a fine-tuned subject's name (<unk>)
+        self.new_words: tuple[str, ...] = subject_words(config)
         self.text = text
         self.decoder = decoder
         self.latent = is_latent(config)
@@ -350,7 +361,7 @@ class Sampler:
         """(tokens int32 [N, L], mask bool [N, L]) of ``prompts`` as the run was trained on them."""
         if self.text is not None:
             return self.text.tokenize(prompts)
-        tokens, mask = self.tokenizer.encode(list(prompts), self.config.text.max_len)
+        tokens, mask = self.tokenizer.encode(list(prompts), self.config.text.max_len, self.new_words)
         return np.asarray(tokens, np.int32), np.asarray(mask, bool)
 
     def encode_tokens(self, tokens, mask, params=None) -> dict:

@@ -127,7 +127,7 @@ RULES = [
     ("diffusion.schedule", "quadratic", "must be one of 'scaled_linear'", {}),
     ("diffusion.prediction", "x0", "must be one of 'epsilon', 'v'", {}),
     ("text.kind", "clip", "must be one of 'small', 'external'", {}),
-    ("data.kind", "imagenet", "must be one of 'shapes', 'latents'", {}),
+    ("data.kind", "imagenet", "must be one of 'shapes', 'latents', 'subject'", {}),
     ("model.dtype", "float16", "must be one of 'float32', 'bfloat16'", {}),
     ("model.space_moe.gate_grad", "sign", "must be one of 'prob'", {}),
     ("model.time_moe.gate_grad", "sign", "must be one of 'prob'", {}),
@@ -139,6 +139,16 @@ RULES = [
     ("sample.timestep_spacing", "uniform", "must be one of 'leading', 'trailing'", {}),
     ("data.latent_mode", "mode", "must be one of 'mean', 'sample'", {}),
     ("data.text_layer", "first", "or an int index", {}),
+    # fine-tuning: the subject data and the LoRA adapters
+    ("data.subject.kind", "star", "must be one of 'circle', 'square', 'triangle', 'ring'", {}),
+    ("data.subject.colours", ("red", "pink"), "non-empty tuple of 'red'", {}),
+    ("data.subject.places", (), "non-empty tuple of 'top left'", {}),
+    ("data.subject.num_images", 0, "integer >= 1", {}),
+    ("lora.rank", -1, "integer >= 0", {}),
+    ("lora.rank", 4, "needs train.init_from", {}),
+    ("lora.alpha", -1.0, "number >= 0", {}),
+    ("lora.targets", ("attention", "mlp"), "non-empty tuple of 'attention', 'experts'", {}),
+    ("lora.targets", (), "non-empty tuple of 'attention'", {}),
     # non-positive sizes
     ("model.channels", (32, 0, 64), "non-empty tuple of integers >= 1", {}),
     ("model.channels", (), "non-empty tuple of integers >= 1", {}),
@@ -349,3 +359,5 @@ def test_allowed_values_match_the_modules():
     assert config.GATE_GRAD_MODES == moe.GATE_GRAD_MODES
     assert config.LR_SCHEDULES == state.LR_SCHEDULES
     assert config.TEXT_LAYERS == precompute.TEXT_LAYERS
+    from raphael_jax.models import lora
+    assert config.LORA_TARGETS == tuple(lora.TARGET_GROUPS)

@@ -1,6 +1,7 @@
 """``raphael-eval``: evaluate a trained run or a set of images.
 
     raphael-eval alignment --workdir runs/tiny --objects 1,2,3 [--num-prompts 200] [--guidance W]
+    raphael-eval subject --workdir runs/ring_lora [--subject-of RUN] [--num-prompts 200]
     raphael-eval probe --workdir runs/tiny [--timesteps 999,950,800,500,200] [--num 64]
     raphael-eval fid stats coco/val2014 ref.npz --weights weights/fid_inception.safetensors --size 256 --center-crop
     raphael-eval fid distance generated/ ref.npz --weights weights/fid_inception.safetensors
@@ -40,6 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--set", action="append", default=[], metavar="sample.KEY=VALUE",
                    help="override a sampler setting of the run's config, e.g. sample.timestep_spacing=leading")
     _encoder_args(a)
+
+    sj = sub.add_parser("subject", help="a fine-tuned subject in unseen colours and places, and retention",
+                        description="The fine-tuning measurement (docs/FINETUNE.md): the subject kind in colours "
+                        "and places it was not fine-tuned in, over-fitting to the training contexts, and "
+                        "retention of the base world's kinds.")
+    sj.add_argument("--workdir", required=True, help="the run to score (a LoRA or full fine-tuning run, or a base)")
+    sj.add_argument("--subject-of", default=None,
+                    help="the fine-tuning run whose data.subject defines the contexts (default: --workdir's)")
+    sj.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                    help="apply these adapters to --workdir's weights first (as raphael-sample --lora)")
+    sj.add_argument("--num-prompts", type=int, default=None, help="prompts per part (config eval.num_prompts)")
+    sj.add_argument("--guidance", type=float, default=None)
+    sj.add_argument("--steps", type=int, default=None)
+    sj.add_argument("--seed", type=int, default=None, help="prompt and noise seed (config eval.seed)")
+    sj.add_argument("--tag", default="", help="suffix of the result file name")
 
     pr = sub.add_parser("probe", help="one-step x0 recovery from noised held-out images, per timestep")
     pr.add_argument("--workdir", required=True)
@@ -153,8 +169,8 @@ def _coco_fid_parser(p: argparse.ArgumentParser) -> None:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    run = {"alignment": _alignment, "probe": _probe, "fid": _fid, "coco-fid": _coco_fid, "sfd": _sfd,
-           "clip-score": _clip_score}[args.what]
+    run = {"alignment": _alignment, "subject": _subject, "probe": _probe, "fid": _fid, "coco-fid": _coco_fid,
+           "sfd": _sfd, "clip-score": _clip_score}[args.what]
     return run_guarded(p.prog, args.debug, lambda: run(p, args))
 
 
@@ -185,6 +201,57 @@ def _alignment(p: argparse.ArgumentParser, args) -> int:
                                  guidance=guidance, num_steps=args.steps)
     tag = "_".join(kv.split(".", 1)[1].replace("=", "-") for kv in args.set)
     print("saved", save_results(args.workdir, step, guidance, results, tag=tag))
+    return 0
+
+
+def _subject(p: argparse.ArgumentParser, args) -> int:
+    import dataclasses
+
+    from raphael_jax.evaluation.subject import evaluate_subject
+    from raphael_jax.sampling import Sampler, subject_words
+    from raphael_jax.train.checkpoint import RunCheckpoints, load_run
+
+    if args.num_prompts is not None and args.num_prompts < 1:
+        p.error("--num-prompts must be at least 1")
+    require_run(args.workdir)
+    source = args.subject_of or args.workdir
+    if args.subject_of:
+        require_run(args.subject_of)
+        ck = RunCheckpoints(args.subject_of, async_save=False)
+        try:
+            src_cfg = ck.restore_config()
+        finally:
+            ck.close()
+    run = load_run(args.workdir, weights="ema")
+    if not args.subject_of:
+        src_cfg = run.config
+    if src_cfg.data.kind != "subject":
+        raise ValueError(f"{source} was not fine-tuned on a subject (data.kind={src_cfg.data.kind!r}): "
+                         "give --subject-of a fine-tuning run")
+    if run.config.data.kind == "latents":
+        raise ValueError(f"{args.workdir} is a latent run: the subject measurement scores shapes-world pixels")
+    if args.lora:
+        from raphael_jax.models.lora import merge_lora
+        from raphael_jax.train.finetune import load_lora_files
+        adapters = load_lora_files(args.lora, run.ema_params, source_of=lambda f: f"--lora {f}")
+        run = dataclasses.replace(run, ema_params=merge_lora(run.ema_params, adapters))
+    sampler = Sampler.from_run(run)
+    sampler.new_words = subject_words(src_cfg)
+    cfg = run.config
+    guidance = cfg.sample.guidance if args.guidance is None else args.guidance
+    seed = cfg.eval.seed if args.seed is None else args.seed
+    print(f"subject measurement of {args.workdir} at step {run.step} (subject of {source}: "
+          f"{src_cfg.data.subject.kind} in {', '.join(src_cfg.data.subject.colours)} / "
+          f"{', '.join(src_cfg.data.subject.sizes)} / {', '.join(src_cfg.data.subject.places)}), seed {seed}")
+    results = evaluate_subject(sampler, src_cfg.data.subject, num_prompts=args.num_prompts or cfg.eval.num_prompts,
+                               seed=seed, guidance=guidance, num_steps=args.steps)
+    out_dir = os.path.join(args.workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"subject_step{run.step}_seed{seed}{'_' + args.tag if args.tag else ''}.json")
+    with open(path, "w") as f:
+        json.dump({"step": run.step, "seed": seed, "guidance": guidance, "subject_of": os.path.abspath(source),
+                   "lora": list(args.lora), "results": results}, f, indent=1)
+    print("saved", path)
     return 0
 
 

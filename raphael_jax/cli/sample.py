@@ -5,8 +5,10 @@ Samples with the run's EMA weights (DDIM + CFG, :class:`raphael_jax.sampling.Sam
 Latent runs load the CLIP text tower, tokenizer and VAE recorded in ``DIR/encoders.json``;
 ``--clip`` / ``--vae`` / ``--tokenizer`` point at them when the weights moved. ``--height`` /
 ``--width`` choose the image size (latent runs: any of the trained buckets, e.g. 448x832; default
-the most square one). Exit status 2 with one error line for bad arguments, a folder that is no trained
-run, or missing / corrupt encoder or tokenizer files (``--debug``: the traceback).
+the most square one). ``--lora FILE[:SCALE]`` (repeatable) applies LoRA adapters (a fine-tuning run's
+``lora.safetensors``, docs/FINETUNE.md) to a merged copy of the weights. Exit status 2 with one error
+line for bad arguments, a folder that is no trained run, a wrong adapter file, or missing / corrupt
+encoder or tokenizer files (``--debug``: the traceback).
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--clip", default=None, help="CLIP text folder (latent runs; default: the recorded one)")
     p.add_argument("--vae", default=None, help="VAE folder (latent runs; default: the recorded one)")
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (default: --clip, else the recorded one)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA adapters to apply (a run's lora.safetensors), scaled (default 1); repeat for several")
     p.add_argument("--fsdp", action="store_true",
                    help="shard the weights over the local devices (models that do not fit one device)")
     add_debug_flag(p)
@@ -66,8 +70,24 @@ def _sample(args) -> int:
         plan = local_plan(ck.restore_config(args.step))
         ck.close()
     run = load_run(args.workdir, args.step, weights="ema", plan=plan)
+    if args.lora:  # merged into a copy of the weights, sharded like them
+        import dataclasses
+
+        from raphael_jax.models.lora import merge_lora
+        from raphael_jax.train.finetune import load_lora_files
+
+        adapters = load_lora_files(args.lora, run.ema_params, source_of=lambda f: f"--lora {f}")
+        run = dataclasses.replace(run, ema_params=merge_lora(run.ema_params, adapters))
+        print(f"applied {len(adapters)} LoRA adapter(s): {', '.join(args.lora)}")
     sampler = Sampler.from_run(run, clip_dir=args.clip, vae_dir=args.vae, tokenizer_dir=args.tokenizer,
                                plan=plan, shard_params=args.fsdp)
+    if args.lora:
+        from raphael_jax.convert.lora_file import load_adapters
+        from raphael_jax.models.lora import parse_lora_arg
+        from raphael_jax.sampling import subject_words
+        for spec in args.lora:
+            meta = load_adapters(parse_lora_arg(spec)[0])[1]
+            sampler.new_words += subject_words(run.config, meta.get("subject") or {})
     height, width = sampler.check_size(args.height, args.width)
     if sampler.buckets and (height, width) not in sampler.buckets:
         print(f"note: {height}x{width} is not one of the run's trained sizes {sampler.buckets}")
@@ -79,6 +99,8 @@ def _sample(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     meta = {**sampler.settings(seed=args.seed, guidance=args.guidance, num_steps=args.steps, eta=args.eta,
                                height=height, width=width), "workdir": os.path.abspath(args.workdir)}
+    if args.lora:
+        meta["lora"] = list(args.lora)
     written = []
     for i, (pr, im) in enumerate(zip(prompts, images)):
         path = _free_path(args.out, f"sample_{i:04d}.png")

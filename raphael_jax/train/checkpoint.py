@@ -374,6 +374,9 @@ def load_run(workdir: str, step: int | None = None, *, weights: str = "both", pl
             ckpts.check_step(step)
         config = ckpts.restore_config(step)
         graphdef, params = split_model(nnx.eval_shape(lambda: RaphaelModel(config, rngs=nnx.Rngs(config.seed))))
+        if config.lora.rank:  # a LoRA run: its checkpoints hold the adapters; the weights are its base's + them
+            from raphael_jax.train.finetune import abstract_adapters
+            params = abstract_adapters(config, params)
         if plan is None:
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             shardings = jax.tree.map(lambda _: device, params)
@@ -397,5 +400,13 @@ def load_run(workdir: str, step: int | None = None, *, weights: str = "both", pl
     tokenizer = Tokenizer.load(os.path.join(workdir, TOKENIZER_FILE)) if config.text.kind == "small" else None
     enc_path = os.path.join(workdir, ENCODERS_FILE)
     encoders = json.loads(open(enc_path).read()) if os.path.isfile(enc_path) else None
+    if config.lora.rank:
+        from raphael_jax.models.lora import adapter_scale, merge_lora
+        from raphael_jax.train.finetune import load_base
+        base = load_base(config, plan)
+        scale = adapter_scale(config.lora.alpha, config.lora.rank)
+        state = {k: merge_lora(base.ema_params, [(v, scale)]) if k in ("params", "ema_params") else v
+                 for k, v in state.items()}
+        encoders = encoders or base.encoders
     return Run(os.path.abspath(workdir), int(state["step"]), config, graphdef, state.get("params"),
                state.get("ema_params"), tokenizer, encoders)

@@ -21,11 +21,13 @@ from raphael_jax.data.shapes.pipeline import make_train_iterator
 from raphael_jax.data.shapes.tokenizer import TOKENIZER_FILE, Tokenizer
 from raphael_jax.data.shapes.world import make_caption, sample_prompts
 from raphael_jax.diffusion.schedule import NoiseSchedule
+from raphael_jax.models.lora import adapter_scale, merge_lora
 from raphael_jax.parallel.mesh import describe, mesh_from_config
 from raphael_jax.parallel.rules import ShardingPlan
-from raphael_jax.parallel.sharding import global_batch, with_shardings
+from raphael_jax.parallel.sharding import global_batch, tree_shardings, with_shardings
 from raphael_jax.sampling import Sampler, image_grid, save_png
 from raphael_jax.train.checkpoint import RunCheckpoints, abstract_like
+from raphael_jax.train.finetune import export_adapters, load_base
 from raphael_jax.train.host_memory import release_free_memory
 from raphael_jax.train.preemption import Preempted, StopSignals
 from raphael_jax.train.state import abstract_train_state, make_optimizer, sharded_init
@@ -74,8 +76,19 @@ def make_data_iterator(config, tokenizer: Tokenizer | None):
             latents_dir, batch_size=config.train.batch_size // n_proc, seed=config.data.seed,
             shard_index=jax.process_index(), shard_count=n_proc, expect_text_width=config.model.context_dim,
             expect_latent_channels=config.model.in_channels)
+    if config.data.kind == "subject":  # the fine-tuning subject (raphael_jax/data/shapes/subject.py)
+        from raphael_jax.data.shapes.subject import SubjectSource
+        from raphael_jax.data.shapes.world import NEW_KINDS
+        sj = config.data.subject
+        return make_train_iterator(
+            seed=config.data.seed, image_size=config.data.image_size, min_objects=1, max_objects=1,
+            batch_size=config.train.batch_size // n_proc, tokenizer=tokenizer, max_len=config.text.max_len,
+            edge_source=config.model.edge.source if config.model.edge.enabled else None,
+            shard_index=jax.process_index(), shard_count=n_proc,
+            source=SubjectSource(sj, config.data.seed, config.data.image_size),
+            new_words=(sj.kind,) if sj.kind in NEW_KINDS else ())
     if config.data.kind != "shapes":
-        raise ValueError(f"data.kind must be 'shapes' or 'latents', got {config.data.kind!r}")
+        raise ValueError(f"data.kind must be 'shapes', 'subject' or 'latents', got {config.data.kind!r}")
     lo, hi, w = object_range(config)
     return make_train_iterator(
         seed=config.data.seed, image_size=config.data.image_size, min_objects=lo, max_objects=hi,
@@ -281,7 +294,7 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None, *,
     os.makedirs(workdir, exist_ok=True)
     num_steps = config.train.num_steps if num_steps is None else num_steps
     # The shapes world trains its own tokenizer; precomputed latents carry their text states.
-    tokenizer = load_or_train_tokenizer(config, workdir) if config.data.kind == "shapes" else None
+    tokenizer = load_or_train_tokenizer(config, workdir) if config.data.kind != "latents" else None
     eos_id = tokenizer.eos_id if tokenizer is not None else 1
     record = record_encoders(config, workdir)  # latent runs: what sampling needs (encoders.json)
     tx = make_optimizer(config)
@@ -289,6 +302,12 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None, *,
     # the state is created sharded on the config's mesh (parallel.mesh / parallel.rules)
     plan = ShardingPlan.from_config(config, mesh_from_config(config))
     graphdef, abstract, shardings, init = abstract_train_state(config, tx, plan)
+    base = base_shardings = None
+    if config.lora.rank:  # LoRA: the base run's EMA weights, read once and frozen (raphael_jax/train/finetune.py)
+        base = load_base(config, plan)
+        base_shardings = tree_shardings(base.ema_params, plan)
+        print(f"LoRA rank {config.lora.rank} on {config.train.init_from} (step {base.step}): targets "
+              f"{', '.join(config.lora.targets)}")
     data = make_data_iterator(config, tokenizer)
     ckpts = RunCheckpoints(workdir, max_to_keep=config.train.max_to_keep)
     if ckpts.latest_step() is not None:  # restored straight into this run's shardings (any mesh), no init
@@ -306,7 +325,7 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None, *,
         print(f"resumed from step {start} in {ckpts.directory}")
     else:
         state = sharded_init(config, init, shardings, plan)  # jit(init, out_shardings=shardings)
-        if config.train.init_from:
+        if config.train.init_from and base is None:
             state = init_from_run(config.train.init_from, state)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     print(f"raphael_jax: {n_params / 1e6:.2f}M parameters, {num_steps} steps, batch {config.train.batch_size}, "
@@ -316,9 +335,22 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None, *,
         print(f"sharding: {len(fallbacks)} parameter dims left replicated on mesh axes they do not divide "
               f"(e.g. {fallbacks[0]})")
     train_step = jit_train_step(make_train_step(graphdef, config, tx, sched, eos_id), plan, shardings,
-                                config.train.batch_size)
+                                config.train.batch_size, base_shardings)
+    frozen = () if base is None else (base.ema_params,)
+    lora_scale = adapter_scale(config.lora.alpha, config.lora.rank) if base is not None else None
+
+    def sample_weights(state):  # what previews sample from: the EMA weights, or the base with the EMA adapters
+        if base is None:
+            return state["ema_params"]
+        return merge_lora(base.ema_params, [(state["ema_params"], lora_scale)])
+
+    def save(step):
+        ckpts.save(step, state, data.get_state(), config)
+        if base is not None:
+            export_adapters(workdir, state["ema_params"], config, base.step, step)
+
     writer = MetricWriter(workdir)
-    preview = make_preview_sampler(config, graphdef, state, tokenizer, record, plan)
+    preview = make_preview_sampler(config, graphdef, {"ema_params": sample_weights(state)}, tokenizer, record, plan)
     step = int(state["step"])
     t_start, s_start, compiled = time.time(), step, False
     pending, unchecked = [], []
@@ -346,7 +378,7 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None, *,
     with StopSignals() as signals:
         while step < num_steps:
             batch = global_batch(plan, {k: v for k, v in next(data).items() if k != "caption"})
-            state, metrics = train_step(state, batch, step_rng(state))
+            state, metrics = train_step(state, batch, step_rng(state), *frozen)
             step += 1
             if not compiled:  # exclude compilation from the rate
                 jax.block_until_ready(metrics)
@@ -377,18 +409,18 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None, *,
                           f"edge {means['edge_loss']:.4f}  {rate:5.2f} steps/s  ETA {eta}{skipped}",
                           flush=True)
             if step % config.train.checkpoint_every == 0 or step == num_steps:
-                ckpts.save(step, state, data.get_state(), config)
+                save(step)
                 last_saved = step
             signum = signals.requested()
             if signum:
                 signals.saving = True
                 if last_saved != step:
-                    ckpts.save(step, state, data.get_state(), config)
+                    save(step)
                 ckpts.close()  # waits for the (asynchronous) save to be complete on disk
                 writer.close()
                 raise Preempted(signum, step, ckpts.directory)
             if preview is not None and (step % config.train.sample_every == 0 or step == num_steps):
-                write_samples(preview[0], state["ema_params"], preview[1], workdir, step, writer)
+                write_samples(preview[0], sample_weights(state), preview[1], workdir, step, writer)
     ckpts.close()
     writer.close()
     return state

@@ -69,15 +69,21 @@ def init_state(config, params, tx, seed: int | None = None) -> dict:
 def abstract_train_state(config, tx, plan: ShardingPlan, seed: int | None = None):
     """(graphdef, abstract state, state shardings, init) without allocating the model.
 
-    ``jax.jit(init, out_shardings=shardings)()`` creates the state directly in its sharded layout.
+    ``jax.jit(init, out_shardings=shardings)()`` creates the state directly in its sharded layout. With
+    ``lora.rank`` > 0 the state's params are the LoRA adapters (raphael_jax/models/lora.py), not the model's.
     """
     seed = config.seed if seed is None else seed
+    graphdef, abstract_params = split_model(nnx.eval_shape(lambda: build_model(config, seed)))
 
     def init():
+        if config.lora.rank:  # LoRA: the state holds only the adapters (the base is an argument of the step)
+            from raphael_jax.models.lora import init_adapters
+            adapters = init_adapters(abstract_params, config.lora.targets, config.lora.rank,
+                                     jax.random.fold_in(jax.random.key(seed), 1))
+            return init_state(config, adapters, tx)
         graphdef, params = split_model(build_model(config, seed))
         return init_state(config, params, tx)
 
-    graphdef, _ = split_model(nnx.eval_shape(lambda: build_model(config, seed)))
     abstract = jax.eval_shape(init)
     shardings = tree_shardings(abstract, plan)
     return graphdef, abstract, shardings, init

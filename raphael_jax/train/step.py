@@ -85,11 +85,20 @@ def make_train_step(graphdef, config, tx: optax.GradientTransformation, sched: N
     A step whose loss or gradient norm is not finite changes nothing but the step counter: params, EMA
     and optimizer state are kept bit for bit (``metrics["nonfinite"]`` = 1; the loop counts them and
     stops after ``train.max_nonfinite_steps`` in a row, raphael_jax/train/loop.py).
+
+    With ``lora.rank`` > 0 the step is ``(state, batch, rng, base)``: ``state["params"]`` are the LoRA
+    adapters, the only thing differentiated and updated; ``base`` (the frozen model weights) is read.
     """
     ema_decay = config.train.ema_decay
+    lora_scale = None
+    if config.lora.rank:
+        from raphael_jax.models.lora import adapter_scale, apply_lora
+        lora_scale = adapter_scale(config.lora.alpha, config.lora.rank)
 
-    def train_step(state: dict, batch: dict, rng: jax.Array):
+    def train_step(state: dict, batch: dict, rng: jax.Array, base=None):
         def loss_fn(params):
+            if lora_scale is not None:
+                params = apply_lora(base, [(params, lora_scale)])
             model = nnx.merge(graphdef, params)
             return compute_losses(model, config, sched, batch, rng, eos_id)
 
@@ -115,17 +124,24 @@ def step_rng(state: dict) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
 
-def jit_train_step(train_step, plan: ShardingPlan, state_shardings, global_batch_size: int | None = None):
+def jit_train_step(train_step, plan: ShardingPlan, state_shardings, global_batch_size: int | None = None,
+                   base_shardings=None):
     """``train_step`` jitted with explicit shardings, the state donated, traced under ``plan``.
 
     The batch (a dict of batch-major arrays) is sharded over the batch axes, the RNG and metrics
-    are replicated, the state keeps ``state_shardings`` (updated in place: donated).
+    are replicated, the state keeps ``state_shardings`` (updated in place: donated). With
+    ``base_shardings`` (LoRA) the step takes the frozen base weights as a fourth, not donated, argument.
     """
-
-    def step(state, batch, rng):
-        with rules_lib.use(plan):
-            return train_step(state, batch, rng)
-
     rep = plan.replicated()
-    return jax.jit(step, in_shardings=(state_shardings, plan.batch_sharding(global_batch_size), rep),
-                   out_shardings=(state_shardings, rep), donate_argnums=(0,))
+    ins = (state_shardings, plan.batch_sharding(global_batch_size), rep)
+    if base_shardings is not None:
+        def step(state, batch, rng, base):
+            with rules_lib.use(plan):
+                return train_step(state, batch, rng, base)
+        ins = ins + (base_shardings,)
+    else:
+        def step(state, batch, rng):
+            with rules_lib.use(plan):
+                return train_step(state, batch, rng)
+
+    return jax.jit(step, in_shardings=ins, out_shardings=(state_shardings, rep), donate_argnums=(0,))

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from raphael_jax.data.shapes.world import COLOURS, PLACES, ShapeObject, shape_pixels
+from raphael_jax.data.shapes.world import ALL_KINDS, COLOURS, KINDS, PLACES, ShapeObject, shape_pixels
 
 ATTRIBUTES = ("colour", "place", "kind", "size")
 _NAMES = list(COLOURS)
@@ -23,9 +23,12 @@ _PALETTE = np.array([(0, 0, 0)] + [COLOURS[c] for c in _NAMES], np.float32)  # i
 _EIGHT = np.ones((3, 3), bool)
 
 # Kind rule: triangle if the lower half of the bounding box holds clearly more mass than the upper
-# half; otherwise square if the box is nearly full, else circle.
+# half; otherwise square if the box is nearly full, else circle. When rings are among the kinds scored
+# (the fine-tuning measurement, ``kinds=ALL_KINDS``), a blob whose enclosed holes cover at least RING_HOLE
+# of its filled area is a ring (a rendered ring's hole is 0.2-0.25 of it at 32 px; other kinds have none).
 TRIANGLE_ASYMMETRY = 0.2
 SQUARE_FILL = 0.92
+RING_HOLE = 0.08
 
 
 def to_uint8(images) -> np.ndarray:
@@ -59,12 +62,16 @@ def _blob_features(mask: np.ndarray) -> dict:
     rel = ys - y0  # row within the bounding box
     top = np.sum(rel < h // 2)
     bottom = np.sum(rel >= h - h // 2)  # centre row (odd h) counts for neither half
+    filled = int(ndimage.binary_fill_holes(mask[y0:y1, x0:x1]).sum())
     return {"area": area, "cy": ys.mean() + 0.5, "cx": xs.mean() + 0.5, "h": h, "w": w,
-            "fill": area / (h * w), "asym": (bottom - top) / area}
+            "fill": area / (h * w), "asym": (bottom - top) / area, "hole": (filled - area) / filled}
 
 
-def classify_kind(fill: float, asym: float) -> str:
-    """Kind from bounding-box fill ratio and (bottom - top) / area mass asymmetry."""
+def classify_kind(fill: float, asym: float, hole: float = 0.0, kinds: Sequence[str] = KINDS) -> str:
+    """Kind from bounding-box fill ratio, (bottom - top) / area mass asymmetry and, when "ring" is in
+    ``kinds``, the fraction of the filled blob that is hole."""
+    if "ring" in kinds and hole >= RING_HOLE:
+        return "ring"
     if asym > TRIANGLE_ASYMMETRY:
         return "triangle"
     return "square" if fill >= SQUARE_FILL else "circle"
@@ -101,10 +108,22 @@ def place_of(cy: float, cx: float, image_size: int) -> str:
     return PLACES[3 * row + col]
 
 
+def _check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
+    kinds = tuple(kinds)
+    if not set(KINDS) <= set(kinds) <= set(ALL_KINDS):
+        raise ValueError(f"kinds must hold {list(KINDS)} and may add {[k for k in ALL_KINDS if k not in KINDS]}, "
+                         f"got {list(kinds)}")
+    return kinds
+
+
 def analyze(image, objects: Sequence[ShapeObject], tolerance: float = 64.0,
-            min_area: int | None = None) -> list[dict]:
-    """Per object: {colour, place, kind, size} booleans; place/kind/size are False without a colour blob."""
+            min_area: int | None = None, kinds: Sequence[str] = KINDS) -> list[dict]:
+    """Per object: {colour, place, kind, size} booleans; place/kind/size are False without a colour blob.
+
+    ``kinds``: the kinds a blob may be classified as (the base world's by default; ALL_KINDS adds the ring).
+    """
     image = _check_image(image)
+    kinds = _check_kinds(kinds)
     s = image.shape[0]
     blobs = find_blobs(image, tolerance, min_area)
     size_threshold = 0.5 * (shape_pixels("small", s) + shape_pixels("big", s))
@@ -122,14 +141,14 @@ def analyze(image, objects: Sequence[ShapeObject], tolerance: float = 64.0,
         results.append({
             "colour": True,
             "place": place_of(b["cy"], b["cx"], s) == obj.place,
-            "kind": classify_kind(b["fill"], b["asym"]) == obj.kind,
+            "kind": classify_kind(b["fill"], b["asym"], b["hole"], kinds) == obj.kind,
             "size": size == obj.size,
         })
     return results
 
 
 def score(images, object_lists: Sequence[Sequence[ShapeObject]], tolerance: float = 64.0,
-          min_area: int | None = None) -> dict:
+          min_area: int | None = None, kinds: Sequence[str] = KINDS) -> dict:
     """Alignment accuracies over a batch of uint8 images and their prompts' objects.
 
     Returns per-attribute accuracy over all objects ('colour', 'place', 'kind', 'size'), 'all' (objects
@@ -141,7 +160,7 @@ def score(images, object_lists: Sequence[Sequence[ShapeObject]], tolerance: floa
         raise ValueError(f"score: {len(images)} images but {len(object_lists)} object lists")
     rows, multi = [], []
     for image, objects in zip(images, object_lists):
-        res = analyze(image, objects, tolerance, min_area)
+        res = analyze(image, objects, tolerance, min_area, kinds)
         rows.extend(res)
         if len(objects) > 1:
             multi.append(all(r["colour"] and r["place"] for r in res))

@@ -57,15 +57,16 @@ class Preprocess(grain.transforms.Map):
     """Example -> {image float32 [-1,1] HWC, tokens int32 [L], mask bool [L], edges float32 HW}."""
 
     def __init__(self, tokenizer: Tokenizer, max_len: int, edge_source: str | None = "canny",
-                 include_captions: bool = False):
+                 include_captions: bool = False, new_words: Sequence[str] = ()):
         self.tokenizer, self.max_len, self.include_captions = tokenizer, int(max_len), include_captions
+        self.new_words = tuple(new_words)
         self.edge_fn = None if edge_source is None else get_edge_source(edge_source)
 
     def map(self, ex: dict) -> dict:
         caption = ex["caption"]
         if isinstance(caption, bytes):  # raw tfds data sources give bytes
             caption = caption.decode("utf-8")
-        ids, mask = self.tokenizer.encode([caption], self.max_len)
+        ids, mask = self.tokenizer.encode([caption], self.max_len, self.new_words)
         out = {"image": ex["image"].astype(np.float32) / 127.5 - 1.0, "tokens": ids[0], "mask": mask[0]}
         if self.edge_fn is not None:
             out["edges"] = np.asarray(self.edge_fn(ex["image"]), np.float32)
@@ -76,14 +77,15 @@ class Preprocess(grain.transforms.Map):
 
 def shapes_dataset(source, batch_size: int, tokenizer: Tokenizer, max_len: int,
                    edge_source: str | None = "canny", shard_index: int = 0, shard_count: int = 1,
-                   include_captions: bool = False, drop_remainder: bool = True) -> grain.MapDataset:
+                   include_captions: bool = False, drop_remainder: bool = True,
+                   new_words: Sequence[str] = ()) -> grain.MapDataset:
     """MapDataset of batches over this host's shard of any random-access source of {image, caption}."""
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     ds = grain.MapDataset.source(source)[shard_index::shard_count]
-    ds = ds.map(Preprocess(tokenizer, max_len, edge_source, include_captions))
+    ds = ds.map(Preprocess(tokenizer, max_len, edge_source, include_captions, new_words))
     return ds.batch(batch_size, drop_remainder=drop_remainder)
 
 
@@ -92,18 +94,22 @@ def make_train_iterator(seed: int, image_size: int, min_objects: int, max_object
                         shard_index: int = 0, shard_count: int = 1,
                         object_weights: Sequence[float] | None = None, stream: int = 0,
                         num_threads: int = 2, prefetch_buffer_size: int = 8, num_workers: int = 0,
-                        include_captions: bool = False) -> grain.DatasetIterator:
+                        include_captions: bool = False, source=None, new_words: Sequence[str] = ()
+                        ) -> grain.DatasetIterator:
     """Checkpointable iterator of host-local batches from the on-the-fly shapes world.
 
     Batches: image float32 [B,H,W,3] in [-1,1], tokens int32 [B,L], mask bool [B,L], edges float32
     [B,H,W] in {0,1} (absent if edge_source is None), caption (only with include_captions).
     `object_weights` weighs how often min..max objects appear. `num_threads` reader threads prefetch up
-    to `prefetch_buffer_size` batches; `num_workers` > 0 adds grain multiprocessing workers.
+    to `prefetch_buffer_size` batches; `num_workers` > 0 adds grain multiprocessing workers. ``source``
+    replaces the world's stream (the fine-tuning subject, raphael_jax/data/shapes/subject.py), whose
+    ``new_words`` encode as ``<unk>`` without a warning.
     """
-    source = ShapesWorldSource(seed, image_size, min_objects, max_objects, object_weights=object_weights,
-                               stream=stream)
+    if source is None:
+        source = ShapesWorldSource(seed, image_size, min_objects, max_objects, object_weights=object_weights,
+                                   stream=stream)
     ds = shapes_dataset(source, batch_size, tokenizer, max_len, edge_source, shard_index, shard_count,
-                        include_captions)
+                        include_captions, new_words=new_words)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                  prefetch_buffer_size=prefetch_buffer_size))
     if num_workers > 0:

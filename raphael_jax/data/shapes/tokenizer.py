@@ -107,12 +107,14 @@ class Tokenizer:
     def unk_id(self) -> int:
         return UNK_ID
 
-    def encode(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, texts: Sequence[str], max_len: int,
+               new_words: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
         """(ids int32 [B, max_len], mask bool [B, max_len]); ids end with EOS, then 0-padding.
 
         Too long prompts are cut to max_len - 1 tokens plus EOS, with a warning naming the prompt. Words
         the vocabulary cannot spell (they become ``<unk>``: the model learned nothing for them) are named
-        in a warning, never dropped silently.
+        in a warning, never dropped silently; ``new_words`` are expected to be unknown (a fine-tuned
+        subject's name, which ``<unk>`` stands for: docs/FINETUNE.md) and are not warned about.
         """
         if isinstance(texts, str):
             raise ValueError("Tokenizer.encode: expected a list of strings, got a single str")
@@ -124,6 +126,7 @@ class Tokenizer:
         for i, p in enumerate(pieces):
             if UNK_ID in p:
                 unknown = [w for w in texts[i].split() if UNK_ID in self._sp.encode(w, out_type=int)]
+            if UNK_ID in p and not (unknown and set(w.lower() for w in unknown) <= set(new_words)):
                 warnings.warn(f"Tokenizer.encode: prompt {texts[i]!r} has words outside the vocabulary, encoded "
                               f"as <unk>: {', '.join(map(repr, unknown or [texts[i]]))}", stacklevel=2)
             if len(p) + 1 > max_len:

@@ -26,6 +26,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
 }
 KINDS: tuple[str, ...] = ("circle", "square", "triangle")
+# Kinds the base world never draws (its scenes, captions and tokenizer use KINDS only): the "new subject"
+# of LoRA fine-tuning (docs/FINETUNE.md). A ring is a disk with a hole of half its radius.
+NEW_KINDS: tuple[str, ...] = ("ring",)
+ALL_KINDS: tuple[str, ...] = KINDS + NEW_KINDS
+RING_INNER = 0.5  # inner / outer radius of a ring
 SIZES: tuple[str, ...] = ("small", "big")
 # Row-major names of the 3x3 grid cells.
 PLACES: list[str] = [
@@ -50,7 +55,7 @@ class ShapeObject:
     place: str
 
     def __post_init__(self):
-        for field, value, allowed in (("colour", self.colour, tuple(COLOURS)), ("kind", self.kind, KINDS),
+        for field, value, allowed in (("colour", self.colour, tuple(COLOURS)), ("kind", self.kind, ALL_KINDS),
                                       ("size", self.size, SIZES), ("place", self.place, tuple(PLACES))):
             if value not in allowed:
                 raise ValueError(f"ShapeObject: unknown {field} {value!r}; expected one of {list(allowed)}")
@@ -81,7 +86,7 @@ def _alternation(names) -> str:
 
 
 _PHRASE_RE = re.compile(
-    rf"a ({_alternation(SIZES)}) ({_alternation(COLOURS)}) ({_alternation(KINDS)}) "
+    rf"a ({_alternation(SIZES)}) ({_alternation(COLOURS)}) ({_alternation(ALL_KINDS)}) "
     rf"(?:at the ({_alternation(p for p in PLACES if p != 'center')})|in the (center))"
 )
 
@@ -140,9 +145,10 @@ def shape_pixels(size: str, image_size: int) -> int:
 
 
 def shape_mask(kind: str, side: int) -> np.ndarray:
-    """Boolean [side, side] template of a shape: full square, inscribed disk, or upward triangle."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {list(KINDS)}")
+    """Boolean [side, side] template of a shape: full square, inscribed disk, upward triangle, or ring (the
+    disk without the disk of RING_INNER its radius)."""
+    if kind not in ALL_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {list(ALL_KINDS)}")
     c = np.arange(side) + 0.5  # pixel centres
     yy, xx = np.meshgrid(c, c, indexing="ij")
     h = side / 2
@@ -150,6 +156,9 @@ def shape_mask(kind: str, side: int) -> np.ndarray:
         return np.ones((side, side), bool)
     if kind == "circle":
         return (xx - h) ** 2 + (yy - h) ** 2 <= h * h
+    if kind == "ring":
+        r2 = (xx - h) ** 2 + (yy - h) ** 2
+        return (r2 <= h * h) & (r2 > (RING_INNER * h) ** 2)
     # Triangle: apex at top centre, base on the bottom row; half-width grows by 1/2 pixel per row.
     half_width = (np.arange(side)[:, None] + 1) * 0.5
     return np.abs(xx - h) <= half_width
