@@ -143,6 +143,7 @@ def base_config() -> ml_collections.ConfigDict:
     da.tokenizer_dir = ""         # "" = clip_dir
     da.latent_mode = "mean"       # mean | sample (of the VAE posterior)
     da.text_layer = "last"        # last | penultimate | penultimate_ln | int index
+    da.caption_places = True      # captions name each object's place (False: ControlNet runs, control gives layout)
     # data.kind="subject": a few fixed images of one kind in a narrow set of contexts, the "new subject"
     # of fine-tuning (raphael_jax/data/shapes/subject.py, docs/FINETUNE.md)
     sj = da.subject = ml_collections.ConfigDict()
@@ -178,6 +179,12 @@ def base_config() -> ml_collections.ConfigDict:
     lo.rank = 0                   # 0: off (every weight trains); >= 1: only adapters on train.init_from's EMA weights
     lo.alpha = 0.0                # the adapters' A @ B is scaled by alpha / rank; 0 means alpha = rank (scale 1)
     lo.targets = ("attention", "experts")  # groups of raphael_jax.models.lora.TARGET_GROUPS or "re:<regex>"
+
+    # --- ControlNet (raphael_jax/models/controlnet.py, docs/FINETUNE.md) -------------------------
+    co = c.control = ml_collections.ConfigDict()
+    co.enabled = False            # train a ControlNet on train.init_from's frozen model, the batch's edge maps
+                                  # (model.edge.source) as the control image
+    co.scale = 1.0                # conditioning scale when sampling (raphael-sample --control-scale)
 
     # --- scale-out (raphael_jax.parallel, docs/SCALE_OUT.md) ------------------------------
     p = c.parallel = ml_collections.ConfigDict()
@@ -574,6 +581,17 @@ def validate(config) -> None:
                                        "or 're:<regex>' strings")
     if rank and not c.train.init_from:
         _fail("lora.rank", rank, "needs train.init_from (the base run the adapters fine-tune; it is only read)")
+    if not isinstance(_get(c, "data.caption_places"), bool):
+        _fail("data.caption_places", c.data.caption_places, "must be True or False")
+    if not isinstance(_get(c, "control.enabled"), bool):
+        _fail("control.enabled", c.control.enabled, "must be True or False")
+    _num(c, "control.scale", 0)
+    if c.control.enabled and not c.train.init_from:
+        _fail("control.enabled", True, "needs train.init_from (the base run the ControlNet controls; it is only read)")
+    if c.control.enabled and rank:
+        _fail("control.enabled", True, "train a ControlNet and LoRA adapters in separate runs (lora.rank=0 here)")
+    if c.control.enabled and c.data.kind == "latents":
+        _fail("control.enabled", True, "ControlNet training reads the shapes world's edge maps (data.kind='shapes')")
     if rank and c.data.kind == "latents" and "text" in targets:
         _fail("lora.targets", targets, "'text' adapts the small text encoder; latent runs use external text states")
 

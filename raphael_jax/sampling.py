@@ -258,6 +258,7 @@ class Sampler:
             return nnx.merge(gd, p).encode_text(tokens, mask)
 
         self.denoise = denoise  # static argument of ddim_sample: one callable, one compiled loop
+        self.control = None     # (graphdef, params) of a ControlNet: set_control
         self._encode = jax.jit(encode)
 
     # ------------------------------------------------------------------------------ construction
@@ -291,8 +292,27 @@ class Sampler:
             if rec.get("vae_factor") not in (None, decoder.factor):
                 raise ValueError(f"the VAE downsamples by {decoder.factor}, the run was trained on latents of a "
                                  f"factor-{rec['vae_factor']} VAE")
-        return cls(config, run.graphdef, params, run.tokenizer, run.step, text=text, decoder=decoder,
-                   buckets=rec.get("buckets"), plan=plan, shard_params=shard_params)
+        sampler = cls(config, run.graphdef, params, run.tokenizer, run.step, text=text, decoder=decoder,
+                      buckets=rec.get("buckets"), plan=plan, shard_params=shard_params)
+        if getattr(run, "control", None) is not None:
+            sampler.set_control(*run.control)
+        return sampler
+
+    def set_control(self, graphdef, params, scale: float | None = None) -> None:
+        """Condition on control images (``sample(..., hint=...)``) through a ControlNet
+        (raphael_jax/models/controlnet.py) with ``params``, at ``scale`` (default ``control.scale``)."""
+        from raphael_jax.models.controlnet import controlled_unet_apply
+
+        gd = self.graphdef
+        self.control = (graphdef, self.place(params))
+        self.control_scale = float(self.config.control.scale if scale is None else scale)
+
+        def denoise(p, x, t, ctx):
+            model, cn = nnx.merge(gd, p["model"]), nnx.merge(graphdef, p["control"])
+            return controlled_unet_apply(model.unet, cn, x, t, ctx["context"], ctx["mask"], ctx["hint"], p["scale"],
+                                         with_edges=False)
+
+        self._control_denoise = denoise
 
     def place(self, params):
         """``params`` replicated over the plan's devices, or (``shard_params``) sharded by their logical axes."""
@@ -405,10 +425,12 @@ class Sampler:
 
     def generate(self, prompts, indices, *, seed: int = 0, height: int | None = None, width: int | None = None,
                  num_steps: int | None = None, guidance: float | None = None, eta: float | None = None,
-                 return_latents: bool = False):
+                 return_latents: bool = False, hint=None, control_scale: float | None = None):
         """Images in [-1, 1] (numpy [N, H, W, 3]) of one batch of ``prompts``; image ``i`` starts from noise keyed by
         ``(seed, indices[i])``. The batch is padded to a multiple of the batch axes and sharded over them.
-        With ``return_latents`` also the model-space samples (numpy)."""
+        With ``return_latents`` also the model-space samples (numpy). ``hint`` [N, H, W, 1]: control images
+        for the ControlNet of :meth:`set_control` (both halves of the guidance batch see them), at
+        ``control_scale`` (default the one set)."""
         prompts = list(prompts)
         n = len(prompts)
         pad = -n % self.batch_multiple
@@ -417,27 +439,45 @@ class Sampler:
         cond = self.encode(prompts + [""] * pad)
         uncond = self.encode([""] * (n + pad))
         key = jax.random.fold_in(jax.random.key(seed + 1), int(idx[0]) if n else 0)  # eta > 0 only
-        x0 = self.guided_sample(x_T, cond, uncond, num_steps=num_steps, guidance=guidance, eta=eta, key=key)
+        extra = {}
+        if hint is not None:
+            if self.control is None:
+                raise ValueError("a control image needs a ControlNet run (raphael-train with control.enabled=True)")
+            hint = np.asarray(hint, np.float32)
+            if hint.ndim != 4 or hint.shape[0] != n:
+                raise ValueError(f"hint: expected [{n}, H, W, C] control images, got shape {hint.shape}")
+            h = self.put_batch(np.concatenate([hint, np.zeros((pad, *hint.shape[1:]), np.float32)]))
+            cond, uncond = {**cond, "hint": h}, {**uncond, "hint": h}
+            scale = self.control_scale if control_scale is None else control_scale
+            extra = {"denoise_fn": self._control_denoise,
+                     "params": {"model": self.params, "control": self.control[1], "scale": jnp.float32(scale)}}
+        x0 = self.guided_sample(x_T, cond, uncond, num_steps=num_steps, guidance=guidance, eta=eta, key=key, **extra)
         images = _host(self.decode(x0))[:n]
         return (images, _host(x0)[:n]) if return_latents else images
 
     def sample(self, prompts, seed: int = 0, num_steps: int | None = None, guidance: float | None = None,
                eta: float | None = None, batch_size: int = 100, height: int | None = None,
-               width: int | None = None, return_latents: bool = False):
+               width: int | None = None, return_latents: bool = False, hint=None, control_scale: float | None = None):
         """uint8 images [N, H, W, 3] for ``prompts`` (classifier-free guidance against the empty prompt).
 
         Image ``i`` starts from noise keyed by ``(seed, i)``: the same prompt list gives the same images
         whatever ``batch_size`` and device count. ``height`` / ``width`` in pixels (default
-        :meth:`default_size`). With ``return_latents`` also the model-space samples.
+        :meth:`default_size`). With ``return_latents`` also the model-space samples. ``hint``: one control
+        image per prompt ([N, H, W, 1], or [H, W, 1] for all) for a ControlNet run (:meth:`generate`).
         """
         prompts = list(prompts)
         self.check_size(height, width)
+        if hint is not None:
+            hint = np.asarray(hint, np.float32)
+            hint = np.broadcast_to(hint, (len(prompts), *hint.shape)) if hint.ndim == 3 else hint
         out, lat = [], []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             images, x0 = self.generate(chunk, np.arange(start, start + len(chunk)), seed=seed, height=height,
                                        width=width, num_steps=num_steps, guidance=guidance, eta=eta,
-                                       return_latents=True)
+                                       return_latents=True,
+                                       hint=None if hint is None else hint[start:start + len(chunk)],
+                                       control_scale=control_scale)
             out.append(to_uint8(images))
             lat.append(x0)
         images = np.concatenate(out) if out else np.zeros((0, *self.check_size(height, width), 3), np.uint8)

@@ -2,6 +2,7 @@
 
     raphael-eval alignment --workdir runs/tiny --objects 1,2,3 [--num-prompts 200] [--guidance W]
     raphael-eval subject --workdir runs/ring_lora [--subject-of RUN] [--num-prompts 200]
+    raphael-eval control --workdir runs/tiny_control [--num-prompts 200] [--scale 1.0]
     raphael-eval probe --workdir runs/tiny [--timesteps 999,950,800,500,200] [--num 64]
     raphael-eval fid stats coco/val2014 ref.npz --weights weights/fid_inception.safetensors --size 256 --center-crop
     raphael-eval fid distance generated/ ref.npz --weights weights/fid_inception.safetensors
@@ -56,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     sj.add_argument("--steps", type=int, default=None)
     sj.add_argument("--seed", type=int, default=None, help="prompt and noise seed (config eval.seed)")
     sj.add_argument("--tag", default="", help="suffix of the result file name")
+
+    cn = sub.add_parser("control", help="a ControlNet run: does the layout follow the control image?",
+                        description="The ControlNet measurement (docs/FINETUNE.md): place accuracy of 1-2 object "
+                        "scenes drawn from their edge maps with place-free prompts, with other colours, and at "
+                        "control scale 0 (the base model).")
+    cn.add_argument("--workdir", required=True, help="a ControlNet run (control.enabled)")
+    cn.add_argument("--num-prompts", type=int, default=None, help="scenes (config eval.num_prompts)")
+    cn.add_argument("--scale", type=float, default=None, help="control scale (config control.scale)")
+    cn.add_argument("--guidance", type=float, default=None)
+    cn.add_argument("--steps", type=int, default=None)
+    cn.add_argument("--seed", type=int, default=None, help="scene and noise seed (config eval.seed)")
 
     pr = sub.add_parser("probe", help="one-step x0 recovery from noised held-out images, per timestep")
     pr.add_argument("--workdir", required=True)
@@ -169,8 +181,8 @@ def _coco_fid_parser(p: argparse.ArgumentParser) -> None:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    run = {"alignment": _alignment, "subject": _subject, "probe": _probe, "fid": _fid, "coco-fid": _coco_fid,
-           "sfd": _sfd, "clip-score": _clip_score}[args.what]
+    run = {"alignment": _alignment, "subject": _subject, "control": _control, "probe": _probe, "fid": _fid,
+           "coco-fid": _coco_fid, "sfd": _sfd, "clip-score": _clip_score}[args.what]
     return run_guarded(p.prog, args.debug, lambda: run(p, args))
 
 
@@ -251,6 +263,31 @@ def _subject(p: argparse.ArgumentParser, args) -> int:
     with open(path, "w") as f:
         json.dump({"step": run.step, "seed": seed, "guidance": guidance, "subject_of": os.path.abspath(source),
                    "lora": list(args.lora), "results": results}, f, indent=1)
+    print("saved", path)
+    return 0
+
+
+def _control(p: argparse.ArgumentParser, args) -> int:
+    from raphael_jax.evaluation.control import evaluate_control
+
+    if args.num_prompts is not None and args.num_prompts < 1:
+        p.error("--num-prompts must be at least 1")
+    if args.scale is not None and args.scale < 0:
+        p.error("--scale must be >= 0")
+    sampler = _load_sampler(args)
+    if sampler.control is None:
+        raise ValueError(f"{args.workdir} is not a ControlNet run (control.enabled); see docs/FINETUNE.md")
+    cfg = sampler.config
+    seed = cfg.eval.seed if args.seed is None else args.seed
+    scale = cfg.control.scale if args.scale is None else args.scale
+    print(f"control measurement of {args.workdir} at step {sampler.step}, scale {scale}, seed {seed}")
+    results = evaluate_control(sampler, num_prompts=args.num_prompts or cfg.eval.num_prompts, seed=seed,
+                               scale=scale, guidance=args.guidance, num_steps=args.steps)
+    out_dir = os.path.join(args.workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"control_step{sampler.step}_seed{seed}_s{scale:g}.json")
+    with open(path, "w") as f:
+        json.dump({"step": sampler.step, "seed": seed, "scale": scale, "results": results}, f, indent=1)
     print("saved", path)
     return 0
 

@@ -6,9 +6,11 @@ Latent runs load the CLIP text tower, tokenizer and VAE recorded in ``DIR/encode
 ``--clip`` / ``--vae`` / ``--tokenizer`` point at them when the weights moved. ``--height`` /
 ``--width`` choose the image size (latent runs: any of the trained buckets, e.g. 448x832; default
 the most square one). ``--lora FILE[:SCALE]`` (repeatable) applies LoRA adapters (a fine-tuning run's
-``lora.safetensors``, docs/FINETUNE.md) to a merged copy of the weights. Exit status 2 with one error
-line for bad arguments, a folder that is no trained run, a wrong adapter file, or missing / corrupt
-encoder or tokenizer files (``--debug``: the traceback).
+``lora.safetensors``, docs/FINETUNE.md) to a merged copy of the weights. A ControlNet run (``control.enabled``)
+samples under ``--control IMAGE`` (its edge map, by the run's ``model.edge.source``: Canny or outlines; with
+``--control-map`` the image is the single-channel map itself) at ``--control-scale`` (default
+``control.scale``). Exit status 2 with one error line for bad arguments, a folder that is no trained run,
+a wrong adapter or control file, or missing / corrupt encoder or tokenizer files (``--debug``: the traceback).
 """
 from __future__ import annotations
 
@@ -38,6 +40,11 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (default: --clip, else the recorded one)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="LoRA adapters to apply (a run's lora.safetensors), scaled (default 1); repeat for several")
+    p.add_argument("--control", default=None, metavar="IMAGE",
+                   help="ControlNet runs: the control image (its edges are taken, as in training)")
+    p.add_argument("--control-map", action="store_true",
+                   help="--control is already the single-channel control map (white = edge), not a picture")
+    p.add_argument("--control-scale", type=float, default=None, help="ControlNet strength (default control.scale)")
     p.add_argument("--fsdp", action="store_true",
                    help="shard the weights over the local devices (models that do not fit one device)")
     add_debug_flag(p)
@@ -51,6 +58,10 @@ def main(argv=None) -> int:
     for prompt in args.prompt:
         if not prompt.strip():
             p.error("--prompt must not be empty (use a caption such as 'a big red circle at the top left')")
+    if args.control_scale is not None and args.control_scale < 0:
+        p.error("--control-scale must be >= 0")
+    if (args.control_map or args.control_scale is not None) and not args.control:
+        p.error("--control-map / --control-scale need --control IMAGE")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file, not a folder")
     return run_guarded(p.prog, args.debug, lambda: _sample(args), system_exit=True)
@@ -91,16 +102,31 @@ def _sample(args) -> int:
     height, width = sampler.check_size(args.height, args.width)
     if sampler.buckets and (height, width) not in sampler.buckets:
         print(f"note: {height}x{width} is not one of the run's trained sizes {sampler.buckets}")
+    hint = None
+    if args.control:
+        if sampler.control is None:
+            raise ValueError(f"--control: {args.workdir} is not a ControlNet run (train one with "
+                             "--set control.enabled=True, docs/FINETUNE.md)")
+        from raphael_jax.data.edges import get_edge_source
+        from raphael_jax.models.controlnet import control_image
+        hint = control_image(args.control, height, width, mode="map" if args.control_map else "canny",
+                             edge_fn=get_edge_source(run.config.model.edge.source))
+    elif sampler.control is not None:
+        print("note: a ControlNet run sampled without --control gives its base model's images")
     prompts = [pr for pr in args.prompt for _ in range(args.num)]
     print(f"sampling {len(prompts)} images of {height}x{width} from step {sampler.step} of {args.workdir}",
           flush=True)
     images = sampler.sample(prompts, seed=args.seed, num_steps=args.steps, guidance=args.guidance, eta=args.eta,
-                            batch_size=args.batch_size, height=height, width=width)
+                            batch_size=args.batch_size, height=height, width=width, hint=hint,
+                            control_scale=args.control_scale)
     os.makedirs(args.out, exist_ok=True)
     meta = {**sampler.settings(seed=args.seed, guidance=args.guidance, num_steps=args.steps, eta=args.eta,
                                height=height, width=width), "workdir": os.path.abspath(args.workdir)}
     if args.lora:
         meta["lora"] = list(args.lora)
+    if args.control:
+        meta.update(control=os.path.abspath(args.control), control_scale=sampler.control_scale
+                    if args.control_scale is None else args.control_scale)
     written = []
     for i, (pr, im) in enumerate(zip(prompts, images)):
         path = _free_path(args.out, f"sample_{i:04d}.png")

@@ -9,6 +9,8 @@ up, fed by skip connections), a RAPHAEL block after every ResNet block of the le
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -151,11 +153,16 @@ class RaphaelUNet(nnx.Module):
         return self.down_kinds.count("attn") + self.up_kinds.count("attn") + int(self.mid_attn is not None)
 
     def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, context_mask: jax.Array, *,
-                 key: jax.Array | None = None, record_masks: bool = False, with_edges: bool = True) -> jax.Array:
+                 key: jax.Array | None = None, record_masks: bool = False, with_edges: bool = True,
+                 down_residuals: Sequence[jax.Array] | None = None,
+                 mid_residual: jax.Array | None = None) -> jax.Array:
         """x [B, H, W, C_in] noisy image/latent; t [B] int timesteps; context [B, L, D_y]; mask [B, L].
 
         ``key`` enables router noise (training); ``record_masks`` sows region masks and attention
         maps; ``with_edges`` runs the edge heads (training only; they never feed the output).
+        ``down_residuals`` (one per skip connection, in down-path order) and ``mid_residual`` are
+        ControlNet residuals (``raphael_jax.models.controlnet``), added to the skips and to the
+        middle's output before the up path.
         """
         dtype = compute_dtype(self.cfg)
         ch0 = self.cfg.channels[0]
@@ -191,10 +198,17 @@ class RaphaelUNet(nnx.Module):
             else:
                 h = m(h)
             skips.append(h)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"down_residuals: expected {len(skips)} (one per skip connection), "
+                                 f"got {len(down_residuals)}")
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals)]
         h = self.mid_res1(h, temb_res)
         if self.mid_attn is not None:
             h = run_block(self.mid_attn, h)
         h = self.mid_res2(h, temb_res)
+        if mid_residual is not None:
+            h = h + mid_residual.astype(h.dtype)
         for kind, m in zip(self.up_kinds, self.up):
             if kind == "res":
                 h = m(jnp.concatenate([h, skips.pop()], axis=-1), temb_res)

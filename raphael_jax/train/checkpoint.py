@@ -346,6 +346,7 @@ class Run:
     ema_params: Any
     tokenizer: Tokenizer | None
     encoders: dict | None = None
+    control: Any = None  # ControlNet runs: (graphdef, weights) of the ControlNet; the weights above are its base's
 
 
 WEIGHTS = ("both", "ema", "params")
@@ -377,6 +378,9 @@ def load_run(workdir: str, step: int | None = None, *, weights: str = "both", pl
         if config.lora.rank:  # a LoRA run: its checkpoints hold the adapters; the weights are its base's + them
             from raphael_jax.train.finetune import abstract_adapters
             params = abstract_adapters(config, params)
+        elif config.control.enabled:  # a ControlNet run: its checkpoints hold the ControlNet; its base the rest
+            from raphael_jax.train.control import split_controlnet
+            control_graphdef, params = split_controlnet(config)
         if plan is None:
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             shardings = jax.tree.map(lambda _: device, params)
@@ -408,5 +412,11 @@ def load_run(workdir: str, step: int | None = None, *, weights: str = "both", pl
         state = {k: merge_lora(base.ema_params, [(v, scale)]) if k in ("params", "ema_params") else v
                  for k, v in state.items()}
         encoders = encoders or base.encoders
+    control = None
+    if config.control.enabled:
+        from raphael_jax.train.finetune import load_base
+        base = load_base(config, plan)
+        control = (control_graphdef, state.get("ema_params", state.get("params")))
+        state = {k: base.ema_params if k in ("params", "ema_params") else v for k, v in state.items()}
     return Run(os.path.abspath(workdir), int(state["step"]), config, graphdef, state.get("params"),
-               state.get("ema_params"), tokenizer, encoders)
+               state.get("ema_params"), tokenizer, encoders, control)

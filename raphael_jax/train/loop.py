@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from raphael_jax.data.shapes.pipeline import make_train_iterator
+from raphael_jax.data.shapes.pipeline import ShapesWorldSource, make_train_iterator
 from raphael_jax.data.shapes.tokenizer import TOKENIZER_FILE, Tokenizer
 from raphael_jax.data.shapes.world import make_caption, sample_prompts
 from raphael_jax.diffusion.schedule import NoiseSchedule
@@ -93,8 +93,10 @@ def make_data_iterator(config, tokenizer: Tokenizer | None):
     return make_train_iterator(
         seed=config.data.seed, image_size=config.data.image_size, min_objects=lo, max_objects=hi,
         batch_size=config.train.batch_size // n_proc, tokenizer=tokenizer, max_len=config.text.max_len,
-        edge_source=config.model.edge.source if config.model.edge.enabled else None,
-        shard_index=jax.process_index(), shard_count=n_proc, object_weights=w if hi > lo else None)
+        edge_source=config.model.edge.source if config.model.edge.enabled or config.control.enabled else None,
+        shard_index=jax.process_index(), shard_count=n_proc, object_weights=w if hi > lo else None,
+        source=None if config.data.caption_places else ShapesWorldSource(
+            config.data.seed, config.data.image_size, lo, hi, object_weights=w if hi > lo else None, places=False))
 
 # Config keys a resumed run may change without --allow-config-change: how long it runs and how often it
 # logs, saves and previews; what sampling and evaluation do (they never touch the train state); the mesh.
@@ -183,12 +185,19 @@ def preview_prompts(config, n: int = 16) -> list[str]:
     return [make_caption(o) for o in objs]
 
 
-def write_samples(sampler: Sampler, params, prompts, workdir, step, writer: MetricWriter, size=None) -> None:
+def write_samples(sampler: Sampler, params, prompts, workdir, step, writer: MetricWriter, size=None,
+                  control=None) -> None:
     """A preview grid of ``prompts`` from ``params`` (the EMA weights): ``samples/step_*.png`` and TensorBoard,
-    written by host 0 (every host takes part in the sampling)."""
+    written by host 0 (every host takes part in the sampling). ControlNet runs: ``control`` = (ControlNet EMA
+    weights, control images of the prompts)."""
     sampler.params = params
+    hint = None
+    if control is not None:
+        sampler.control = (sampler.control[0], sampler.place(control[0]))
+        hint = control[1]
     h, w = size or sampler.default_size()
-    images = sampler.sample(prompts, seed=0, num_steps=min(sampler.config.sample.num_steps, 25), height=h, width=w)
+    images = sampler.sample(prompts, seed=0, num_steps=min(sampler.config.sample.num_steps, 25), height=h, width=w,
+                            hint=hint)
     grid = image_grid(images, cols=8)
     if jax.process_index() == 0:
         os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
@@ -303,11 +312,12 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None, *,
     plan = ShardingPlan.from_config(config, mesh_from_config(config))
     graphdef, abstract, shardings, init = abstract_train_state(config, tx, plan)
     base = base_shardings = None
-    if config.lora.rank:  # LoRA: the base run's EMA weights, read once and frozen (raphael_jax/train/finetune.py)
-        base = load_base(config, plan)
+    if config.lora.rank or config.control.enabled:  # the base run's EMA weights, read once and frozen
+        base = load_base(config, plan)                 # (raphael_jax/train/finetune.py)
         base_shardings = tree_shardings(base.ema_params, plan)
-        print(f"LoRA rank {config.lora.rank} on {config.train.init_from} (step {base.step}): targets "
-              f"{', '.join(config.lora.targets)}")
+        what = (f"LoRA rank {config.lora.rank} (targets {', '.join(config.lora.targets)})" if config.lora.rank
+                else "ControlNet (control image: the scenes' edge maps)")
+        print(f"{what} on {config.train.init_from} (step {base.step}), frozen")
     data = make_data_iterator(config, tokenizer)
     ckpts = RunCheckpoints(workdir, max_to_keep=config.train.max_to_keep)
     if ckpts.latest_step() is not None:  # restored straight into this run's shardings (any mesh), no init
@@ -327,6 +337,9 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None, *,
         state = sharded_init(config, init, shardings, plan)  # jit(init, out_shardings=shardings)
         if config.train.init_from and base is None:
             state = init_from_run(config.train.init_from, state)
+        elif config.control.enabled:  # the encoder copy starts as the base's U-Net
+            from raphael_jax.train.control import start_from_base
+            state = start_from_base(state, base.ema_params)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     print(f"raphael_jax: {n_params / 1e6:.2f}M parameters, {num_steps} steps, batch {config.train.batch_size}, "
           f"mesh {describe(plan.mesh)} ({jax.devices()[0].platform}, {jax.process_count()} processes)")
@@ -337,20 +350,29 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None, *,
     train_step = jit_train_step(make_train_step(graphdef, config, tx, sched, eos_id), plan, shardings,
                                 config.train.batch_size, base_shardings)
     frozen = () if base is None else (base.ema_params,)
-    lora_scale = adapter_scale(config.lora.alpha, config.lora.rank) if base is not None else None
+    lora_scale = adapter_scale(config.lora.alpha, config.lora.rank) if config.lora.rank else None
 
     def sample_weights(state):  # what previews sample from: the EMA weights, or the base with the EMA adapters
         if base is None:
             return state["ema_params"]
+        if lora_scale is None:  # ControlNet: the base (its previews are not controlled)
+            return base.ema_params
         return merge_lora(base.ema_params, [(state["ema_params"], lora_scale)])
 
     def save(step):
         ckpts.save(step, state, data.get_state(), config)
-        if base is not None:
+        if lora_scale is not None:
             export_adapters(workdir, state["ema_params"], config, base.step, step)
 
     writer = MetricWriter(workdir)
     preview = make_preview_sampler(config, graphdef, {"ema_params": sample_weights(state)}, tokenizer, record, plan)
+    control_preview = None
+    if preview is not None and config.control.enabled:  # controlled previews: evaluation scenes' edges
+        from raphael_jax.train.control import preview_controls, split_controlnet
+        prompts, hints = preview_controls(config)
+        preview[0].set_control(split_controlnet(config)[0], state["ema_params"])
+        preview = (preview[0], prompts)
+        control_preview = lambda s: (s["ema_params"], hints)  # noqa: E731
     step = int(state["step"])
     t_start, s_start, compiled = time.time(), step, False
     pending, unchecked = [], []
@@ -420,7 +442,8 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None, *,
                 writer.close()
                 raise Preempted(signum, step, ckpts.directory)
             if preview is not None and (step % config.train.sample_every == 0 or step == num_steps):
-                write_samples(preview[0], sample_weights(state), preview[1], workdir, step, writer)
+                write_samples(preview[0], sample_weights(state), preview[1], workdir, step, writer,
+                              control=control_preview(state) if control_preview else None)
     ckpts.close()
     writer.close()
     return state

@@ -76,6 +76,9 @@ def abstract_train_state(config, tx, plan: ShardingPlan, seed: int | None = None
     graphdef, abstract_params = split_model(nnx.eval_shape(lambda: build_model(config, seed)))
 
     def init():
+        if config.control.enabled:  # ControlNet: the state holds only the ControlNet (the base: an argument)
+            from raphael_jax.train.control import split_controlnet
+            return init_state(config, split_controlnet(config, seed, abstract=False)[1], tx)
         if config.lora.rank:  # LoRA: the state holds only the adapters (the base is an argument of the step)
             from raphael_jax.models.lora import init_adapters
             adapters = init_adapters(abstract_params, config.lora.targets, config.lora.rank,

@@ -28,14 +28,15 @@ def empty_prompt(tokens: jax.Array, mask: jax.Array, eos_id: int):
 
 
 def compute_losses(model: RaphaelModel, config, sched: NoiseSchedule, batch: dict, key: jax.Array,
-                   eos_id: int = 1, text_states: jax.Array | None = None):
+                   eos_id: int = 1, text_states: jax.Array | None = None, controlnet=None):
     """Denoising loss + edge focal loss for one batch; returns (total, metrics dict).
 
     ``batch``: image [B,H,W,C] in [-1,1] (or latents), tokens/mask (or ``text_states`` [B,L,D] for
     external encoders, as an argument or a batch entry), edges [B,H,W] (when edge supervision is on).
     With external text states, caption dropout replaces a dropped sample's states and mask with the
     batch's ``null_text_states`` [B,L,D] / ``null_mask`` [B,L] (the stored empty-prompt encoding,
-    see ``raphael_jax.data.latents``); without them there is no dropout.
+    see ``raphael_jax.data.latents``); without them there is no dropout. With ``controlnet`` (a ControlNet
+    run) the U-Net is driven by its residuals from the batch's edge map and the loss is the denoising loss.
     """
     x0 = batch["image"]
     b = x0.shape[0]
@@ -59,8 +60,14 @@ def compute_losses(model: RaphaelModel, config, sched: NoiseSchedule, batch: dic
             null = jnp.broadcast_to(batch["null_text_states"].astype(context.dtype), context.shape)
             context = jnp.where(drop[:, None, None], null, context)
             mask = jnp.where(drop[:, None], jnp.broadcast_to(batch["null_mask"], mask.shape), mask)
-    with_edges = config.model.edge.enabled
-    out = model.unet(x_t, t, context, mask, key=k_route, with_edges=with_edges)
+    with_edges = config.model.edge.enabled and controlnet is None
+    if controlnet is None:
+        out = model.unet(x_t, t, context, mask, key=k_route, with_edges=with_edges)
+    else:
+        from raphael_jax.models.controlnet import controlled_unet_apply
+        out = controlled_unet_apply(model.unet, controlnet, x_t, t, context, mask, batch["edges"][..., None],
+                                    1.0, key=k_route, with_edges=False)
+        pop_intermediates(controlnet)
     inter = pop_intermediates(model)
     denoise = jnp.mean((out - target) ** 2)
     e = config.model.edge
@@ -88,15 +95,22 @@ def make_train_step(graphdef, config, tx: optax.GradientTransformation, sched: N
 
     With ``lora.rank`` > 0 the step is ``(state, batch, rng, base)``: ``state["params"]`` are the LoRA
     adapters, the only thing differentiated and updated; ``base`` (the frozen model weights) is read.
+    With ``control.enabled`` likewise, ``state["params"]`` being the ControlNet's.
     """
     ema_decay = config.train.ema_decay
-    lora_scale = None
+    lora_scale = control_graphdef = None
+    if config.control.enabled:
+        from raphael_jax.train.control import split_controlnet
+        control_graphdef = split_controlnet(config)[0]
     if config.lora.rank:
         from raphael_jax.models.lora import adapter_scale, apply_lora
         lora_scale = adapter_scale(config.lora.alpha, config.lora.rank)
 
     def train_step(state: dict, batch: dict, rng: jax.Array, base=None):
         def loss_fn(params):
+            if control_graphdef is not None:
+                return compute_losses(nnx.merge(graphdef, base), config, sched, batch, rng, eos_id,
+                                      controlnet=nnx.merge(control_graphdef, params))
             if lora_scale is not None:
                 params = apply_lora(base, [(params, lora_scale)])
             model = nnx.merge(graphdef, params)

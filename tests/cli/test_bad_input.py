@@ -139,6 +139,11 @@ CASES = {
     "zero nonfinite limit": (["--set", "train.max_nonfinite_steps=0"], "train.max_nonfinite_steps"),
     "workdir is a file": (["--workdir", "{afile}"], "is a file, not a run folder"),
     "workdir under a file": (["--workdir", "{afile}/run"], "is a file, so the run folder cannot be created"),
+    "LoRA without a base run": (["--set", "lora.rank=4"], "lora.rank=4: needs train.init_from"),
+    "LoRA target unknown": (["--set", "lora.targets=('mlp',)"], "lora.targets=('mlp',): must be a non-empty tuple"),
+    "ControlNet and LoRA at once": (["--set", "control.enabled=True", "--set", "lora.rank=2", "--set",
+                                     "train.init_from=runs/tiny"], "train a ControlNet and LoRA adapters in separate"),
+    "subject of an unknown kind": (["--set", "data.subject.kind=star"], "data.subject.kind='star': must be one of"),
 }
 
 
@@ -167,6 +172,8 @@ SAMPLE_CASES = {
     "zero images": (["--num", "0"], "--num must be at least 1"),
     "zero batch": (["--batch-size", "0"], "--batch-size must be at least 1"),
     "zero steps": (["--steps", "0"], "--steps must be at least 1"),
+    "control scale without control": (["--control-scale", "0.5"], "--control-map / --control-scale need --control"),
+    "negative control scale": (["--control", "{afile}", "--control-scale", "-1"], "--control-scale must be >= 0"),
     "empty prompt": (["--prompt", "  "], "--prompt must not be empty"),
     "out is a file": (["--out", "{afile}"], "is a file, not a folder"),
     "no such workdir": (["--workdir", "{tmp}/nope"], "holds no checkpoints"),

@@ -160,3 +160,64 @@ def test_full_finetune_on_the_subject(runs, tmp_path):
     a, b = load_run(full).params, load_run(runs["base"]).params
     assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     assert tree_digest(runs["base"]) == runs["digest"]
+
+
+@pytest.fixture(scope="module")
+def control_run(runs):
+    """A ControlNet trained a few steps (a high learning rate, so its zero convs leave zero) on the base."""
+    ctrl = str(runs["root"] / "control")
+    c = cfg(["control.enabled=True", f"train.init_from={runs['base']}", "data.caption_places=False",
+             "data.object_weights=(1.0, 1.0, 0.0)", "train.learning_rate=0.05", "train.warmup_steps=0",
+             "train.ema_decay=0.0"])
+    state = train_and_evaluate(c, ctrl, num_steps=3)
+    from PIL import Image
+
+    from raphael_jax.data.shapes.world import example
+    ref = runs["root"] / "scene.png"
+    Image.fromarray(example(0, 3, 32, 1, 2, stream=1)["image"]).save(ref)
+    return {"dir": ctrl, "state": state, "ref": str(ref)}
+
+
+def test_controlnet_trains_alone_and_strength_zero_is_the_base(runs, control_run, tmp_path):
+    from raphael_jax.cli.sample import main
+
+    assert tree_digest(runs["base"]) == runs["digest"]
+    zero_convs = control_run["state"]["params"]["zero_convs"]
+    assert any(float(np.abs(np.asarray(x)).max()) > 0 for x in jax.tree.leaves(zero_convs))  # they trained
+
+    def sample(workdir, *extra):
+        out = tmp_path / f"o{len(os.listdir(tmp_path))}"
+        assert main(["--workdir", workdir, "--prompt", "a big red circle", "--num", "2", "--out", str(out),
+                     *extra]) == 0
+        return np.stack([np.asarray(Image.open(out / f"sample_000{i}.png")) for i in range(2)])
+
+    base = sample(runs["base"])
+    np.testing.assert_array_equal(sample(control_run["dir"], "--control", control_run["ref"], "--control-scale", "0"),
+                                  base)
+    assert not np.array_equal(sample(control_run["dir"], "--control", control_run["ref"]), base)
+    np.testing.assert_array_equal(sample(control_run["dir"]), base)  # no control image: the base model
+
+
+def test_controlnet_measurement_cli(control_run, capsys):
+    import json
+
+    from raphael_jax.cli.eval import main
+
+    assert main(["control", "--workdir", control_run["dir"], "--num-prompts", "2", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "follow:" in out and "recolour:" in out and "no_control:" in out
+    saved = json.load(open(out.strip().splitlines()[-1].split("saved ", 1)[1]))
+    assert set(saved["results"]) == {"follow", "recolour", "no_control"}
+
+
+def test_subject_measurement_cli(runs, capsys):
+    import json
+
+    from raphael_jax.cli.eval import main
+
+    assert main(["subject", "--workdir", runs["base"], "--subject-of", runs["lora"], "--num-prompts", "2",
+                 "--steps", "2", "--tag", "t"]) == 0
+    out = capsys.readouterr().out
+    saved = json.load(open(out.strip().splitlines()[-1].split("saved ", 1)[1]))
+    assert saved["results"]["unseen"]["num_prompts"] == 2 and "colour_collapse" in saved["results"]["unseen"]
+    assert saved["results"]["retention"]["num_prompts"] == 2

@@ -24,14 +24,15 @@ class ShapesWorldSource:
     """Random-access grain data source: item i is example(seed, i, ...) as {image uint8 HWC, caption str}."""
 
     def __init__(self, seed: int = 0, image_size: int = 32, min_objects: int = 1, max_objects: int = 3,
-                 size: int = STREAM_SIZE, object_weights: Sequence[float] | None = None, stream: int = 0):
+                 size: int = STREAM_SIZE, object_weights: Sequence[float] | None = None, stream: int = 0,
+                 places: bool = True):
         check_image_size(image_size)
         if not 1 <= min_objects <= max_objects <= 9:
             raise ValueError(f"need 1 <= min_objects <= max_objects <= 9, got {min_objects}, {max_objects}")
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         self.seed, self.image_size = int(seed), int(image_size)
-        self.size, self.stream = int(size), int(stream)
+        self.size, self.stream, self.places = int(size), int(stream), bool(places)
         self.min_objects, self.max_objects = int(min_objects), int(max_objects)
         self.object_weights = None if object_weights is None else tuple(float(w) for w in object_weights)
         example(0, 0, self.image_size, self.min_objects, self.max_objects, self.object_weights)  # validate
@@ -44,7 +45,7 @@ class ShapesWorldSource:
         if not 0 <= i < self.size:
             raise IndexError(f"ShapesWorldSource: index {index} out of range [0, {self.size})")
         ex = example(self.seed, i, self.image_size, self.min_objects, self.max_objects,
-                     self.object_weights, self.stream)
+                     self.object_weights, self.stream, self.places)
         return {"image": ex["image"], "caption": ex["caption"]}
 
     def __repr__(self) -> str:

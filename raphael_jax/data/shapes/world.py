@@ -68,16 +68,17 @@ class ShapeObject:
 
 # ----------------------------------------------------------------------------------------- captions
 
-def _phrase(obj: ShapeObject) -> str:
+def _phrase(obj: ShapeObject, place: bool = True) -> str:
     where = "in the center" if obj.place == "center" else f"at the {obj.place}"
-    return f"a {obj.size} {obj.colour} {obj.kind} {where}"
+    return f"a {obj.size} {obj.colour} {obj.kind} {where}" if place else f"a {obj.size} {obj.colour} {obj.kind}"
 
 
-def make_caption(objects: Sequence[ShapeObject]) -> str:
-    """Caption naming every object in order, joined by "and"."""
+def make_caption(objects: Sequence[ShapeObject], places: bool = True) -> str:
+    """Caption naming every object in order, joined by "and"; ``places=False`` leaves the places out (the
+    ControlNet's captions: the layout comes from the control image)."""
     if not objects:
         raise ValueError("make_caption: need at least one object")
-    return " and ".join(_phrase(o) for o in objects)
+    return " and ".join(_phrase(o, places) for o in objects)
 
 
 def _alternation(names) -> str:
@@ -222,7 +223,7 @@ def render(objects: Sequence[ShapeObject], image_size: int,
 
 
 def example(seed: int, index: int, image_size: int = 32, min_objects: int = 1, max_objects: int = 3,
-            object_weights: Sequence[float] | None = None, stream: int = 0) -> dict:
+            object_weights: Sequence[float] | None = None, stream: int = 0, places: bool = True) -> dict:
     """Example `index` of the stream `seed`: dict(image uint8 [S,S,3], caption str, objects list).
 
     Deterministic in (seed, index, stream) alone; the objects do not depend on image_size.
@@ -235,7 +236,7 @@ def example(seed: int, index: int, image_size: int = 32, min_objects: int = 1, m
     rng = np.random.default_rng(entropy)
     objects = sample_objects(rng, min_objects, max_objects, object_weights)
     image = render(objects, image_size, rng)
-    return {"image": image, "caption": make_caption(objects), "objects": objects}
+    return {"image": image, "caption": make_caption(objects, places), "objects": objects}
 
 
 def sample_prompts(n: int, seed: int = 0, min_objects: int = 1, max_objects: int = 3,
