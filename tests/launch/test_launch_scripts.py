@@ -9,7 +9,8 @@ import time
 import pytest
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-SCRIPTS = [os.path.join(ROOT, "launch", n) for n in ("tpu_pod.sh", "gpu_slurm.sbatch", "local_multihost.sh")]
+SCRIPTS = [os.path.join(ROOT, "launch", n) for n in ("tpu_pod.sh", "gpu_slurm.sbatch", "local_multihost.sh",
+                                                  "finetune_ring.sh", "tiny_control.sh")]
 
 
 def sh(*args, env=None, timeout=60):
@@ -158,3 +159,9 @@ def test_tpu_pod_watch_relaunches_after_preemption_only(tmp_path, statuses, code
         assert "fake log" in (tmp_path / "logs" / "tpu_n.log").read_text()
     else:
         assert "exited with status 2; not relaunching" in r.stderr
+
+
+@pytest.mark.parametrize("script", ["finetune_ring.sh", "tiny_control.sh"])
+def test_measurement_scripts_print_usage_without_arguments(script):
+    r = sh(os.path.join("launch", script))
+    assert r.returncode == 2 and "BASE OUT" in r.stdout

@@ -1,0 +1,96 @@
+"""Markdown tables of the fine-tuning measurements (launch/finetune_ring.sh, launch/tiny_control.sh).
+
+    python -m raphael_jax.tools.finetune_report subject BASE RUN [RUN ...]   # raphael-eval subject results
+    python -m raphael_jax.tools.finetune_report control RUN                   # raphael-eval control results
+
+The results of seed ``$SEED`` (default 1234, the test seed ``eval.seed``; tuning used 99).
+Reads each run's newest ``eval/subject_*`` / ``eval/control_*`` JSON (the test seed, eval.seed), its
+``metrics.jsonl`` (steps/s) and, for LoRA runs, the size of ``lora.safetensors`` against the base's weights.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+
+def _newest(pattern: str) -> dict:
+    files = sorted(glob.glob(pattern), key=os.path.getmtime)
+    if not files:
+        raise FileNotFoundError(f"no result matches {pattern}")
+    with open(files[-1]) as f:
+        return json.load(f)
+
+
+def _rate(workdir: str) -> float | None:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    rates = [json.loads(line).get("steps_per_sec") for line in open(path) if line.strip()]
+    rates = [r for r in rates if r]
+    return rates[-1] if rates else None
+
+
+def _base_bytes(base: str) -> int:
+    import jax
+
+    from raphael_jax.train.checkpoint import load_run
+    return sum(x.size * 4 for x in jax.tree.leaves(load_run(base, weights="ema").ema_params))
+
+
+def subject_table(base: str, runs: list[str], seed: int = 1234) -> str:
+    rows = ["| run | trained | size | steps/s | ring kind, unseen ctx (big / small) | colour, place (unseen) "
+            "| colour / place collapse | retention colour / place / kind / all |",
+            "|---|---|---|---|---|---|---|---|"]
+    base_bytes = _base_bytes(base)
+    for wd in [base] + runs:
+        pat = os.path.join(wd, "eval", f"subject_step*_seed{seed}.json")
+        res = _newest(pat)["results"]
+        u, r = res["unseen"], res["retention"]
+        lora = os.path.join(wd, "lora.safetensors")
+        if wd == base:
+            what, size = "base (not fine-tuned)", "-"
+        elif os.path.isfile(lora):
+            from raphael_jax.convert.lora_file import load_adapters
+            meta = load_adapters(lora)[1]
+            n = os.path.getsize(lora)
+            what = f"LoRA r{meta['rank']} ({', '.join(meta['targets'])})"
+            size = f"{n / 1024:.0f} KiB ({100 * n / base_bytes:.1f}% of base)"
+        else:
+            what, size = "full fine-tuning", f"{base_bytes / 1024:.0f} KiB (100%)"
+        rate = _rate(wd) if wd != base else None
+        big, small = u.get("kind_seen_size", float("nan")), u.get("kind_unseen_size", float("nan"))
+        rows.append(f"| {os.path.basename(wd.rstrip('/'))} | {what} | {size} | "
+                    f"{'-' if rate is None else f'{rate:.2f}'} | {u['kind']:.3f} ({big:.3f} / {small:.3f}) | "
+                    f"{u['colour']:.3f}, {u['place']:.3f} | "
+                    f"{u['colour_collapse']:.3f} / {u['place_collapse']:.3f} | {r['colour']:.3f} / {r['place']:.3f} / "
+                    f"{r['kind']:.3f} / {r['all']:.3f} |")
+    return "\n".join(rows)
+
+
+def control_table(run: str, seed: int = 1234) -> str:
+    res = _newest(os.path.join(run, "eval", f"control_step*_seed{seed}_s*.json"))
+    rows = [f"step {res['step']}, control scale {res['scale']}, seed {res['seed']}", "",
+            "| part | place | colour | kind | size | all | prompts (objects) |", "|---|---|---|---|---|---|---|"]
+    for k, v in res["results"].items():
+        rows.append(f"| {k} | {v['place']:.3f} | {v['colour']:.3f} | {v['kind']:.3f} | {v['size']:.3f} | "
+                    f"{v['all']:.3f} | {v['num_prompts']} ({v['num_objects']}) |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    seed = int(os.environ.get("SEED", "1234"))
+    if len(argv) >= 3 and argv[0] == "subject":
+        print(subject_table(argv[1], argv[2:], seed))
+    elif len(argv) == 2 and argv[0] == "control":
+        print(control_table(argv[1], seed))
+    else:
+        print(__doc__)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
