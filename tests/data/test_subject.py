@@ -7,8 +7,20 @@ import pytest
 from raphael_jax.config import load_config
 from raphael_jax.data.shapes import analyzer
 from raphael_jax.data.shapes.subject import SubjectSource, subject_objects, unseen_prompts
-from raphael_jax.data.shapes.world import (ALL_KINDS, COLOURS, KINDS, PLACES, SIZES, ShapeObject, all_words,
-                                           make_caption, parse_caption, render, sample_objects, shape_mask)
+from raphael_jax.data.shapes.world import (
+    ALL_KINDS,
+    COLOURS,
+    KINDS,
+    PLACES,
+    SIZES,
+    ShapeObject,
+    all_words,
+    make_caption,
+    parse_caption,
+    render,
+    sample_objects,
+    shape_mask,
+)
 
 
 def test_ring_is_new_and_the_base_world_is_unchanged():

@@ -241,3 +241,27 @@ def test_tiled_decode_in_the_sampler(latent_run):
     a, b = np.asarray(tiled(z)), np.asarray(untiled(z))
     assert a.shape == b.shape == (1, *WIDE, 3)
     assert np.abs(a - b).max() < 1e-3
+
+
+def test_lora_on_the_latent_run(latent_run, tmp_path):
+    """LoRA fine-tunes a latent run too (text states from CLIP, VAE latents): only adapters train, its base is
+    untouched, and its adapter file applied to the base samples what the LoRA run samples."""
+    from raphael_jax.cli import sample as sample_cli
+    from raphael_jax.cli import train as train_cli
+
+    work, lora = latent_run["work"], tmp_path / "lora"
+    before = sorted((p, os.path.getmtime(os.path.join(d, p))) for d, _, fs in os.walk(work) for p in fs)
+    common = ["--config", CONFIG, *[a for kv in LATENT_SMALL for a in ("--set", kv)]]
+    assert train_cli.main([*common, "--workdir", str(lora), "--set", f"data.latents_dir={latent_run['latents']}",
+                           "--set", "train.batch_size=8", "--set", "train.num_steps=2", "--set", "train.sample_every=0",
+                           "--set", "lora.rank=2", "--set", f"train.init_from={work}",
+                           "--set", "train.learning_rate=0.01", "--set", "sample.num_steps=3"]) == 0
+    assert sorted((p, os.path.getmtime(os.path.join(d, p))) for d, _, fs in os.walk(work) for p in fs) == before
+    assert (lora / "lora.safetensors").is_file() and (lora / "encoders.json").is_file()
+    outs = []
+    for args in (["--workdir", str(lora)], ["--workdir", str(work), "--lora", str(lora / "lora.safetensors")]):
+        out = tmp_path / f"s{len(outs)}"
+        assert sample_cli.main([*args, "--prompt", "a big red circle", "--num", "2", "--out", str(out),
+                                "--steps", "2"]) == 0
+        outs.append(np.stack([np.asarray(Image.open(out / n)) for n in _pngs(out)]))
+    np.testing.assert_array_equal(outs[0], outs[1])
