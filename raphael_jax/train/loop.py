@@ -179,6 +179,11 @@ class MetricWriter:
 
 
 def preview_prompts(config, n: int = 16) -> list[str]:
+    if config.data.kind == "subject":  # half as trained, half in unseen colours and places
+        from raphael_jax.data.shapes.subject import subject_objects, unseen_prompts
+        seen = sorted({make_caption([o]) for o in subject_objects(config.data.subject, config.data.seed)})
+        unseen = [make_caption(o) for o in unseen_prompts(config.data.subject, n, config.eval.seed + 1)]
+        return (seen * n)[:n // 2] + unseen[:n - n // 2]
     lo, hi, w = object_range(config)
     objs = sample_prompts(n, seed=config.eval.seed + 1, min_objects=lo, max_objects=hi,
                           object_weights=w if hi > lo else None)

@@ -198,6 +198,23 @@ def test_controlnet_trains_alone_and_strength_zero_is_the_base(runs, control_run
     np.testing.assert_array_equal(sample(control_run["dir"]), base)  # no control image: the base model
 
 
+def test_sample_refuses_wrong_adapters_and_controls(runs, control_run, tmp_path, capsys):
+    from raphael_jax.cli.sample import main
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not an adapter")
+    for extra, expect in ((["--workdir", runs["base"], "--lora", str(tmp_path / "nope.safetensors")],
+                           "no such adapter file"),
+                          (["--workdir", runs["base"], "--lora", f"{bad}:0.5"], "truncated or corrupt"),
+                          (["--workdir", runs["base"], "--control", control_run["ref"]], "is not a ControlNet run"),
+                          (["--workdir", control_run["dir"], "--control", str(bad)], "cannot read it as an image")):
+        with pytest.raises(SystemExit) as e:
+            main([*extra, "--prompt", "a big red circle", "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and expect in err[-1] and "Traceback" not in "\n".join(err), err
+        assert not (tmp_path / "out").exists()
+
+
 def test_controlnet_measurement_cli(control_run, capsys):
     import json
 
