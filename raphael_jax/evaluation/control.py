@@ -9,6 +9,8 @@ and kind but not its place. The analyzer then checks each named object in the sc
 - ``recolour``: the same control images with every object given another colour (the paper's
   "blue / snow / watercolor" demo, as colour): the layout must stay, in the new colours;
 - ``no_control``: the same prompts at control scale 0, i.e. the base model (nothing says where to draw).
+
+``place`` needs the object's colour to be found; :func:`layout` scores the layout alone, colour-blind.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import time
 
 import numpy as np
 
-from raphael_jax.data.shapes.analyzer import score
+from raphael_jax.data.shapes.analyzer import find_blobs, place_of, score
 from raphael_jax.data.shapes.world import COLOURS, example, make_caption
 
 
@@ -42,6 +44,19 @@ def recolour(objects, seed: int):
     return out
 
 
+def layout(images, object_lists) -> dict:
+    """Colour-blind layout scores: ``layout`` = fraction of the scenes' objects whose cell holds a blob of any
+    palette colour; ``layout_exact`` = fraction of images whose occupied cells are exactly the scene's."""
+    hit = exact = total = 0
+    for im, objs in zip(images, object_lists):
+        cells = {place_of(b["cy"], b["cx"], im.shape[0]) for blobs in find_blobs(im).values() for b in blobs}
+        want = {o.place for o in objs}
+        hit += len(want & cells)
+        total += len(want)
+        exact += cells == want
+    return {"layout": hit / max(total, 1), "layout_exact": exact / max(len(images), 1)}
+
+
 def evaluate_control(sampler, num_prompts: int = 200, seed: int = 1234, scale: float | None = None,
                      guidance: float | None = None, num_steps: int | None = None, verbose: bool = True) -> dict:
     objects, hints = control_scenes(sampler.config, num_prompts, seed)
@@ -53,9 +68,11 @@ def evaluate_control(sampler, num_prompts: int = 200, seed: int = 1234, scale: f
         images = sampler.sample(prompts, seed=seed, guidance=guidance, num_steps=num_steps, hint=hints,
                                 control_scale=s)
         res = score(images, objs)
+        res.update(layout(images, objs))
         res["seconds"] = time.time() - t0
         out[name] = res
         if verbose:
-            cells = "  ".join(f"{a} {res[a]:.3f}" for a in ("place", "colour", "kind", "size", "all"))
+            cells = "  ".join(f"{a} {res[a]:.3f}" for a in ("place", "colour", "kind", "size", "all", "layout",
+                                                             "layout_exact"))
             print(f"{name:>10}: {cells}  ({res['num_prompts']} prompts, {res['num_objects']} objects)", flush=True)
     return out

@@ -72,10 +72,12 @@ def subject_table(base: str, runs: list[str], seed: int = 1234) -> str:
 def control_table(run: str, seed: int = 1234) -> str:
     res = _newest(os.path.join(run, "eval", f"control_step*_seed{seed}_s*.json"))
     rows = [f"step {res['step']}, control scale {res['scale']}, seed {res['seed']}", "",
-            "| part | place | colour | kind | size | all | prompts (objects) |", "|---|---|---|---|---|---|---|"]
+            "| part | place | colour | kind | size | all | layout (any colour) | exact layout | prompts (objects) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for k, v in res["results"].items():
         rows.append(f"| {k} | {v['place']:.3f} | {v['colour']:.3f} | {v['kind']:.3f} | {v['size']:.3f} | "
-                    f"{v['all']:.3f} | {v['num_prompts']} ({v['num_objects']}) |")
+                    f"{v['all']:.3f} | {v.get('layout', float('nan')):.3f} | {v.get('layout_exact', float('nan')):.3f} "
+                    f"| {v['num_prompts']} ({v['num_objects']}) |")
     return "\n".join(rows)
 
 
