@@ -65,7 +65,8 @@ def make_batch(cfg, tokenizer) -> dict:
 class TrainStep:
     """One variant: its state (born sharded on the config's mesh) and its compiled, donating train step."""
 
-    def __init__(self, cfg, tokenizer, host_batch: dict, fast_compile: bool = False):
+    def __init__(self, cfg, tokenizer, host_batch: dict, fast_compile: bool = False, base=None):
+        """``base``: the frozen model weights of a LoRA / ControlNet config (bench/finetune_step.py)."""
         import jax
 
         from raphael_jax.diffusion.schedule import NoiseSchedule
@@ -87,11 +88,17 @@ class TrainStep:
         batch = {k: v for k, v in host_batch.items() if k != "edges" or cfg.model.edge.enabled}
         self.batch = global_batch(plan, batch)
         self.rng = jax.random.fold_in(jax.random.key(cfg.seed), 0)
+        base_shardings = None
+        self.extra = ()
+        if base is not None:
+            from raphael_jax.parallel.sharding import tree_shardings
+            base_shardings = tree_shardings(base, plan)
+            self.extra = (jax.device_put(base, base_shardings),)
         step = jit_train_step(make_train_step(graphdef, cfg, tx, sched, tokenizer.eos_id), plan, shardings,
-                              cfg.train.batch_size)
+                              cfg.train.batch_size, base_shardings)
         t0 = time.time()
         cpu = jax.default_backend() == "cpu"
-        self.compiled = step.lower(self.state, self.batch, self.rng).compile(
+        self.compiled = step.lower(self.state, self.batch, self.rng, *self.extra).compile(
             compiler_options=FAST_COMPILE if fast_compile and cpu else None)
         self.compile_s = time.time() - t0
         cost = self.compiled.cost_analysis()
@@ -102,7 +109,7 @@ class TrainStep:
 
     def __call__(self) -> float:
         t0 = time.perf_counter()
-        self.state, metrics = self.compiled(self.state, self.batch, self.rng)
+        self.state, metrics = self.compiled(self.state, self.batch, self.rng, *self.extra)
         self._jax.block_until_ready((self.state, metrics))
         dt = time.perf_counter() - t0
         if not np.isfinite(float(metrics["loss"])):
