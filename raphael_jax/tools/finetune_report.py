@@ -32,6 +32,11 @@ def _rate(workdir: str) -> float | None:
     return rates[-1] if rates else None
 
 
+def _ci(p: float, n: int) -> str:
+    """Half-width of the normal-approximation 95% interval of a proportion ``p`` over ``n`` trials."""
+    return f"±{1.96 * (p * (1 - p) / max(n, 1)) ** 0.5:.3f}"
+
+
 def _base_bytes(base: str) -> int:
     import jax
 
@@ -62,10 +67,11 @@ def subject_table(base: str, runs: list[str], seed: int = 1234) -> str:
         rate = _rate(wd) if wd != base else None
         big, small = u.get("kind_seen_size", float("nan")), u.get("kind_unseen_size", float("nan"))
         rows.append(f"| {os.path.basename(wd.rstrip('/'))} | {what} | {size} | "
-                    f"{'-' if rate is None else f'{rate:.2f}'} | {u['kind']:.3f} ({big:.3f} / {small:.3f}) | "
+                    f"{'-' if rate is None else f'{rate:.2f}'} | {u['kind']:.3f} {_ci(u['kind'], u['num_objects'])} "
+                    f"({big:.3f} / {small:.3f}) | "
                     f"{u['colour']:.3f}, {u['place']:.3f} | "
                     f"{u['colour_collapse']:.3f} / {u['place_collapse']:.3f} | {r['colour']:.3f} / {r['place']:.3f} / "
-                    f"{r['kind']:.3f} / {r['all']:.3f} |")
+                    f"{r['kind']:.3f} {_ci(r['kind'], r['num_objects'])} / {r['all']:.3f} |")
     return "\n".join(rows)
 
 

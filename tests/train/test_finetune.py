@@ -100,7 +100,7 @@ def test_adapter_gradients_only(runs):
         model = nnx.merge(graphdef, apply_lora(w, [(ad, adapter_scale(0.0, 2))]))
         return compute_losses(model, c, sched, batch, jax.random.key(0))[0]
 
-    g = jax.grad(loss)(adapters, base)
+    g = jax.jit(jax.grad(loss))(adapters, base)
     assert set(g) == set(adapters)
     assert all(float(np.abs(np.asarray(ab["a"].get_value())).max()) > 0 for ab in g.values())
     for a, b in zip(before, jax.tree.leaves(base)):
