@@ -32,5 +32,5 @@ for wd in "$OUT/lora1" "$OUT/lora4" "$OUT/lora16" "$OUT/full"; do
 done
 $PY -m raphael_jax.cli.eval subject --workdir "$BASE" --subject-of "$OUT/lora4" --seed "$SEED"
 stamp "scored"
-SEED=$SEED $PY -m raphael_jax.tools.finetune_report subject "$BASE" "$OUT/lora1" "$OUT/lora4" "$OUT/lora16" "$OUT/full" \
+$PY -m raphael_jax.cli.eval report subject "$BASE" "$OUT/lora1" "$OUT/lora4" "$OUT/lora16" "$OUT/full" --seed "$SEED" \
     | tee "$OUT/report.md"

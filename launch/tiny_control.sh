@@ -19,4 +19,4 @@ $PY -m raphael_jax.cli.train --config configs/tiny_control.py --workdir "$OUT" -
 echo "[tiny_control] trained after $(( $(date +%s) - t0 )) s"
 $PY -m raphael_jax.cli.eval control --workdir "$OUT" --seed "$SEED"
 echo "[tiny_control] scored after $(( $(date +%s) - t0 )) s"
-SEED=$SEED $PY -m raphael_jax.tools.finetune_report control "$OUT" | tee "$OUT/report.md"
+$PY -m raphael_jax.cli.eval report control "$OUT" --seed "$SEED" | tee "$OUT/report.md"

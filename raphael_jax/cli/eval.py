@@ -3,6 +3,7 @@
     raphael-eval alignment --workdir runs/tiny --objects 1,2,3 [--num-prompts 200] [--guidance W]
     raphael-eval subject --workdir runs/ring_lora [--subject-of RUN] [--num-prompts 200]
     raphael-eval control --workdir runs/tiny_control [--num-prompts 200] [--scale 1.0]
+    raphael-eval report subject runs/tiny runs/ring/lora4 runs/ring/full
     raphael-eval probe --workdir runs/tiny [--timesteps 999,950,800,500,200] [--num 64]
     raphael-eval fid stats coco/val2014 ref.npz --weights weights/fid_inception.safetensors --size 256 --center-crop
     raphael-eval fid distance generated/ ref.npz --weights weights/fid_inception.safetensors
@@ -68,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     cn.add_argument("--guidance", type=float, default=None)
     cn.add_argument("--steps", type=int, default=None)
     cn.add_argument("--seed", type=int, default=None, help="scene and noise seed (config eval.seed)")
+
+    rp = sub.add_parser("report", help="markdown table of the subject / control measurements' saved results",
+                        description="Markdown tables of `raphael-eval subject` (a base and its fine-tuned runs) or "
+                        "`raphael-eval control` results, from the runs' eval/*.json (launch/finetune_ring.sh).")
+    rp.add_argument("kind", choices=("subject", "control"))
+    rp.add_argument("runs", nargs="+", help="subject: BASE RUN [RUN ...]; control: RUN")
+    rp.add_argument("--seed", type=int, default=1234, help="the results of this seed (the test seed eval.seed)")
 
     pr = sub.add_parser("probe", help="one-step x0 recovery from noised held-out images, per timestep")
     pr.add_argument("--workdir", required=True)
@@ -181,8 +189,8 @@ def _coco_fid_parser(p: argparse.ArgumentParser) -> None:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    run = {"alignment": _alignment, "subject": _subject, "control": _control, "probe": _probe, "fid": _fid,
-           "coco-fid": _coco_fid, "sfd": _sfd, "clip-score": _clip_score}[args.what]
+    run = {"alignment": _alignment, "subject": _subject, "control": _control, "report": _report, "probe": _probe,
+           "fid": _fid, "coco-fid": _coco_fid, "sfd": _sfd, "clip-score": _clip_score}[args.what]
     return run_guarded(p.prog, args.debug, lambda: run(p, args))
 
 
@@ -289,6 +297,20 @@ def _control(p: argparse.ArgumentParser, args) -> int:
     with open(path, "w") as f:
         json.dump({"step": sampler.step, "seed": seed, "scale": scale, "results": results}, f, indent=1)
     print("saved", path)
+    return 0
+
+
+def _report(p: argparse.ArgumentParser, args) -> int:
+    from raphael_jax.tools.finetune_report import control_table, subject_table
+
+    if args.kind == "subject":
+        if len(args.runs) < 2:
+            p.error("report subject needs BASE and at least one fine-tuned RUN")
+        print(subject_table(args.runs[0], args.runs[1:], args.seed))
+    else:
+        if len(args.runs) != 1:
+            p.error("report control takes one RUN")
+        print(control_table(args.runs[0], args.seed))
     return 0
 
 

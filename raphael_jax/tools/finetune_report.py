@@ -1,10 +1,10 @@
 """Markdown tables of the fine-tuning measurements (launch/finetune_ring.sh, launch/tiny_control.sh).
 
-    python -m raphael_jax.tools.finetune_report subject BASE RUN [RUN ...]   # raphael-eval subject results
-    python -m raphael_jax.tools.finetune_report control RUN                   # raphael-eval control results
+    raphael-eval report subject BASE RUN [RUN ...]   # raphael-eval subject results
+    raphael-eval report control RUN                   # raphael-eval control results
 
-The results of seed ``$SEED`` (default 1234, the test seed ``eval.seed``; tuning used 99).
-Reads each run's newest ``eval/subject_*`` / ``eval/control_*`` JSON (the test seed, eval.seed), its
+Reads each run's newest ``eval/subject_*`` / ``eval/control_*`` JSON of one seed (``--seed``, default 1234, the
+test seed ``eval.seed``; the tuning used 99), its
 ``metrics.jsonl`` (steps/s) and, for LoRA runs, the size of ``lora.safetensors`` against the base's weights.
 """
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import sys
 
 
 def _newest(pattern: str) -> dict:
@@ -85,20 +84,3 @@ def control_table(run: str, seed: int = 1234) -> str:
                     f"{v['all']:.3f} | {v.get('layout', float('nan')):.3f} | {v.get('layout_exact', float('nan')):.3f} "
                     f"| {v['num_prompts']} ({v['num_objects']}) |")
     return "\n".join(rows)
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    seed = int(os.environ.get("SEED", "1234"))
-    if len(argv) >= 3 and argv[0] == "subject":
-        print(subject_table(argv[1], argv[2:], seed))
-    elif len(argv) == 2 and argv[0] == "control":
-        print(control_table(argv[1], seed))
-    else:
-        print(__doc__)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -93,8 +93,9 @@ def test_subcommands():
     def subs(name):
         return set(_subcommand_paths(_parser_of(_main_of(SCRIPTS[name]))))
 
-    assert {("alignment",), ("probe",), ("fid",), ("fid", "stats"), ("fid", "distance"), ("coco-fid",),
-            ("sfd",), ("sfd", "train"), ("sfd", "score"), ("clip-score",)} == subs("raphael-eval")
+    assert {("alignment",), ("subject",), ("control",), ("report",), ("probe",), ("fid",), ("fid", "stats"),
+            ("fid", "distance"), ("coco-fid",), ("sfd",), ("sfd", "train"), ("sfd", "score"),
+            ("clip-score",)} == subs("raphael-eval")
     assert {("clip",), ("vae",), ("inception",)} == subs("raphael-convert")
     assert {("image-text",), ("shapes",), ("shapes-folder",)} == subs("raphael-data")
 
