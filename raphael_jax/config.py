@@ -590,8 +590,8 @@ def validate(config) -> None:
         _fail("control.enabled", True, "needs train.init_from (the base run the ControlNet controls; it is only read)")
     if c.control.enabled and rank:
         _fail("control.enabled", True, "train a ControlNet and LoRA adapters in separate runs (lora.rank=0 here)")
-    if c.control.enabled and c.data.kind == "latents":
-        _fail("control.enabled", True, "ControlNet training reads the shapes world's edge maps (data.kind='shapes')")
+    if c.control.enabled and c.data.kind == "subject":
+        _fail("control.enabled", True, "a ControlNet trains on scenes with their edge maps, not on data.kind='subject'")
     if rank and c.data.kind == "latents" and "text" in targets:
         _fail("lora.targets", targets, "'text' adapts the small text encoder; latent runs use external text states")
 

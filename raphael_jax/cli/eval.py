@@ -285,6 +285,8 @@ def _control(p: argparse.ArgumentParser, args) -> int:
     sampler = _load_sampler(args)
     if sampler.control is None:
         raise ValueError(f"{args.workdir} is not a ControlNet run (control.enabled); see docs/FINETUNE.md")
+    if sampler.latent:
+        raise ValueError(f"{args.workdir} is a latent run: the control measurement scores shapes-world pixel runs")
     cfg = sampler.config
     seed = cfg.eval.seed if args.seed is None else args.seed
     scale = cfg.control.scale if args.scale is None else args.scale

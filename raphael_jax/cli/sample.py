@@ -107,10 +107,12 @@ def _sample(args) -> int:
         if sampler.control is None:
             raise ValueError(f"--control: {args.workdir} is not a ControlNet run (train one with "
                              "--set control.enabled=True, docs/FINETUNE.md)")
-        from raphael_jax.data.edges import get_edge_source
+        from raphael_jax.data.edges import get_edge_source, pool_edges
         from raphael_jax.models.controlnet import control_image
         hint = control_image(args.control, height, width, mode="map" if args.control_map else "canny",
                              edge_fn=get_edge_source(run.config.model.edge.source))
+        if sampler.factor > 1:  # latent runs: max-pooled to the latents' resolution, as raphael-precompute does
+            hint = pool_edges(hint[..., 0], sampler.factor)[..., None]
     elif sampler.control is not None:
         print("note: a ControlNet run sampled without --control gives its base model's images")
     prompts = [pr for pr in args.prompt for _ in range(args.num)]

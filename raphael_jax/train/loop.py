@@ -357,7 +357,7 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None, *,
     frozen = () if base is None else (base.ema_params,)
     lora_scale = adapter_scale(config.lora.alpha, config.lora.rank) if config.lora.rank else None
 
-    def sample_weights(state):  # what previews sample from: the EMA weights, or the base with the EMA adapters
+    def sample_weights(state):  # what previews sample from: the EMA weights, or the base (+ the EMA adapters)
         if base is None:
             return state["ema_params"]
         if lora_scale is None:  # ControlNet: the base (its previews are not controlled)
@@ -372,7 +372,9 @@ def train_and_evaluate(config, workdir: str, num_steps: int | None = None, *,
     writer = MetricWriter(workdir)
     preview = make_preview_sampler(config, graphdef, {"ema_params": sample_weights(state)}, tokenizer, record, plan)
     control_preview = None
-    if preview is not None and config.control.enabled:  # controlled previews: evaluation scenes' edges
+    if preview is not None and config.control.enabled and record is not None:
+        print("note: a latent ControlNet run's previews are its base's samples (not controlled)")
+    elif preview is not None and config.control.enabled:  # controlled previews: evaluation scenes' edges
         from raphael_jax.train.control import preview_controls, split_controlnet
         prompts, hints = preview_controls(config)
         preview[0].set_control(split_controlnet(config)[0], state["ema_params"])
