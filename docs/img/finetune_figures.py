@@ -9,6 +9,7 @@ from raphael_jax.evaluation.control import control_scenes, recolour
 from raphael_jax.sampling import Sampler, image_grid, subject_words
 from raphael_jax.train.checkpoint import load_run
 
+
 def save(grid, path):
     g = np.asarray(grid)
     Image.fromarray(g).resize((g.shape[1] * 3, g.shape[0] * 3), Image.NEAREST).save(path)
