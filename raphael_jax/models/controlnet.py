@@ -38,8 +38,18 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from raphael_jax.models.block import RaphaelBlock
-from raphael_jax.models.layers import conv, dense, timestep_embedding
-from raphael_jax.models.unet import Downsample, RaphaelUNet, ResBlock, compute_dtype, remat_policy, space_to_depth
+from raphael_jax.models.layers import conv, dense
+from raphael_jax.models.unet import (
+    RaphaelUNet,
+    ResBlock,
+    block_runner,
+    build_down_path,
+    compute_dtype,
+    embed_time_and_text,
+    remat_policy,
+    run_down_path,
+    space_to_depth,
+)
 
 # top-level attributes of a ControlNet with no counterpart in the U-Net (init_from_unet keeps them)
 CONTROL_ONLY = ("hint_encoder", "zero_convs", "mid_zero_conv")
@@ -105,19 +115,7 @@ class ControlNet(nnx.Module):
             return RaphaelBlock(c, cfg.context_dim, temb_dim, block_cfg,
                                 self_attention=bool(cfg.self_attention_levels[level]), rngs=rngs, dtype=dtype)
 
-        down, skips_ch, cur = [], [ch[0]], ch[0]
-        for lvl, c in enumerate(ch):
-            for _ in range(cfg.num_res_blocks):
-                down.append(("res", ResBlock(cur, c, temb_dim, g, rngs=rngs, dtype=dtype)))
-                cur = c
-                if cfg.block_levels[lvl]:
-                    down.append(("attn", block(c, lvl)))
-                skips_ch.append(cur)
-            if lvl < len(ch) - 1:
-                down.append(("down", Downsample(cur, rngs=rngs, dtype=dtype)))
-                skips_ch.append(cur)
-        self.down_kinds = tuple(k for k, _ in down)
-        self.down = nnx.List([m for _, m in down])
+        self.down_kinds, self.down, skips_ch, cur = build_down_path(cfg, temb_dim, block, rngs=rngs, dtype=dtype)
         self.mid_res1 = ResBlock(cur, cur, temb_dim, g, rngs=rngs, dtype=dtype)
         self.mid_attn = nnx.data(block(cur, len(ch) - 1) if cfg.mid_block else None)
         self.mid_res2 = ResBlock(cur, cur, temb_dim, g, rngs=rngs, dtype=dtype)
@@ -157,37 +155,12 @@ class ControlNet(nnx.Module):
         if hint.shape[1:3] != want:
             raise ValueError(f"hint: spatial size {hint.shape[1:3]} does not match the sample {x.shape[1:3]} "
                              f"(patch_size {p}, hint_factor {f}: expected {want})")
-        ch0 = self.cfg.channels[0]
-        temb = self.temb_fc2(jax.nn.silu(self.temb_fc1(timestep_embedding(t, ch0).astype(dtype))))
-        context = context.astype(dtype)
-        temb_res = temb
-        if self.text_temb is not None:
-            w = context_mask.astype(context.dtype)[..., None]
-            pooled = (context * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
-            temb_res = temb + self.text_temb(pooled)
-        keys = iter(jax.random.split(key, self.num_blocks) if key is not None else [None] * self.num_blocks)
-
-        def run_block(m, h):
-            fn = lambda m, h, k: m(h, temb, context, context_mask, k, False, False)
-            if self.remat and key is not None:
-                fn = nnx.remat(fn, policy=self.remat_policy)
-            return fn(m, h, next(keys))
-
+        temb, temb_res, context = embed_time_and_text(self, t, context, context_mask, dtype)
+        run_block = block_runner(self, temb, context, context_mask, key, False, False)
         h = x.astype(dtype)
         if p > 1:
             h = space_to_depth(h, p)
-        h = self.conv_in(h) + self.hint_encoder(hint.astype(dtype))
-        skips = [h]
-        for kind, m in zip(self.down_kinds, self.down):
-            if kind == "res":
-                h = m(h, temb_res)
-            elif kind == "attn":
-                h = run_block(m, h)
-                skips[-1] = h
-                continue
-            else:
-                h = m(h)
-            skips.append(h)
+        h, skips = run_down_path(self, self.conv_in(h) + self.hint_encoder(hint.astype(dtype)), temb_res, run_block)
         h = self.mid_res1(h, temb_res)
         if self.mid_attn is not None:
             h = run_block(self.mid_attn, h)

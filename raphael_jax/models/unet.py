@@ -88,6 +88,72 @@ def depth_to_space(x: jax.Array, p: int) -> jax.Array:
     return x.reshape(b, h, w, p, p, c0).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * p, w * p, c0)
 
 
+def build_down_path(cfg, temb_dim: int, block, *, rngs: nnx.Rngs, dtype=None):
+    """The encoder's layers in order, shared by the U-Net and its ControlNet copy (same construction order,
+    so the same names and the same random init): ``(kinds, nnx.List of layers, skip widths, bottom width)``.
+    ``block(width, level)`` builds a RAPHAEL block."""
+    ch = tuple(cfg.channels)
+    down, skips_ch, cur = [], [ch[0]], ch[0]
+    for lvl, c in enumerate(ch):
+        for _ in range(cfg.num_res_blocks):
+            down.append(("res", ResBlock(cur, c, temb_dim, cfg.norm_groups, rngs=rngs, dtype=dtype)))
+            cur = c
+            if cfg.block_levels[lvl]:
+                down.append(("attn", block(c, lvl)))
+            skips_ch.append(cur)
+        if lvl < len(ch) - 1:
+            down.append(("down", Downsample(cur, rngs=rngs, dtype=dtype)))
+            skips_ch.append(cur)
+    return tuple(k for k, _ in down), nnx.List([m for _, m in down]), skips_ch, cur
+
+
+def embed_time_and_text(net, t, context, context_mask, dtype):
+    """``(temb, temb_res, context)`` of a U-Net or ControlNet ``net``: the timestep embedding (the RAPHAEL
+    blocks' and time-MoE gates'), the ResBlocks' one (plus the pooled text with ``model.text_temb``) and the
+    text states in the compute dtype."""
+    temb = net.temb_fc2(jax.nn.silu(net.temb_fc1(timestep_embedding(t, net.cfg.channels[0]).astype(dtype))))
+    context = context.astype(dtype)
+    temb_res = temb
+    if net.text_temb is not None:
+        w = context_mask.astype(context.dtype)[..., None]
+        pooled = (context * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+        temb_res = temb + net.text_temb(pooled)
+    return temb, temb_res, context
+
+
+def block_runner(net, temb, context, context_mask, key, record_masks: bool, with_edges: bool):
+    """``run_block(block, h)`` for ``net``'s RAPHAEL blocks in call order: each gets its own router-noise key
+    (split from ``key``) and, in training, ``net``'s remat policy."""
+    keys = iter(jax.random.split(key, net.num_blocks) if key is not None else [None] * net.num_blocks)
+
+    def run_block(m, h):
+        fn = lambda m, h, k: m(h, temb, context, context_mask, k, record_masks, with_edges)  # noqa: E731
+        # remat in training only (the step passes the router-noise key): nothing differentiates
+        # inference, and nnx.remat cannot run on weights closed over by a scan (the DDIM loop)
+        if net.remat and key is not None:
+            fn = nnx.remat(fn, policy=net.remat_policy)
+        return fn(m, h, next(keys))
+
+    return run_block
+
+
+def run_down_path(net, h, temb_res, run_block):
+    """``(h, skips)`` after ``net``'s down path from the stem output ``h``: one skip per skip connection (a
+    RAPHAEL block replaces the skip of the ResBlock before it)."""
+    skips = [h]
+    for kind, m in zip(net.down_kinds, net.down):
+        if kind == "res":
+            h = m(h, temb_res)
+        elif kind == "attn":
+            h = run_block(m, h)
+            skips[-1] = h
+            continue
+        else:
+            h = m(h)
+        skips.append(h)
+    return h, skips
+
+
 class RaphaelUNet(nnx.Module):
     """``eps_or_v = UNet(x_t, t, text tokens E(y), text mask)``; blocks sow routing and edge logits."""
 
@@ -117,19 +183,7 @@ class RaphaelUNet(nnx.Module):
             return RaphaelBlock(c, cfg.context_dim, temb_dim, cfg,
                                 self_attention=bool(cfg.self_attention_levels[level]), rngs=rngs, dtype=dtype)
 
-        down, skips_ch, cur = [], [ch[0]], ch[0]
-        for lvl, c in enumerate(ch):
-            for _ in range(cfg.num_res_blocks):
-                down.append(("res", ResBlock(cur, c, temb_dim, g, rngs=rngs, dtype=dtype)))
-                cur = c
-                if cfg.block_levels[lvl]:
-                    down.append(("attn", block(c, lvl)))
-                skips_ch.append(cur)
-            if lvl < len(ch) - 1:
-                down.append(("down", Downsample(cur, rngs=rngs, dtype=dtype)))
-                skips_ch.append(cur)
-        self.down_kinds = tuple(k for k, _ in down)
-        self.down = nnx.List([m for _, m in down])
+        self.down_kinds, self.down, skips_ch, cur = build_down_path(cfg, temb_dim, block, rngs=rngs, dtype=dtype)
         self.mid_res1 = ResBlock(cur, cur, temb_dim, g, rngs=rngs, dtype=dtype)
         self.mid_attn = nnx.data(block(cur, len(ch) - 1) if cfg.mid_block else None)
         self.mid_res2 = ResBlock(cur, cur, temb_dim, g, rngs=rngs, dtype=dtype)
@@ -165,39 +219,12 @@ class RaphaelUNet(nnx.Module):
         middle's output before the up path.
         """
         dtype = compute_dtype(self.cfg)
-        ch0 = self.cfg.channels[0]
-        temb = self.temb_fc2(jax.nn.silu(self.temb_fc1(timestep_embedding(t, ch0).astype(dtype))))
-        context = context.astype(dtype)
-        temb_res = temb
-        if self.text_temb is not None:
-            w = context_mask.astype(context.dtype)[..., None]
-            pooled = (context * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
-            temb_res = temb + self.text_temb(pooled)
-        keys = iter(jax.random.split(key, self.num_blocks) if key is not None else [None] * self.num_blocks)
-
-        def run_block(m, h):
-            fn = lambda m, h, k: m(h, temb, context, context_mask, k, record_masks, with_edges)
-            # remat in training only (the step passes the router-noise key): nothing differentiates
-            # inference, and nnx.remat cannot run on weights closed over by a scan (the DDIM loop)
-            if self.remat and key is not None:
-                fn = nnx.remat(fn, policy=self.remat_policy)
-            return fn(m, h, next(keys))
-
+        temb, temb_res, context = embed_time_and_text(self, t, context, context_mask, dtype)
+        run_block = block_runner(self, temb, context, context_mask, key, record_masks, with_edges)
         h = x.astype(dtype)
         if self.patch_size > 1:
             h = space_to_depth(h, self.patch_size)
-        h = self.conv_in(h)
-        skips = [h]
-        for kind, m in zip(self.down_kinds, self.down):
-            if kind == "res":
-                h = m(h, temb_res)
-            elif kind == "attn":
-                h = run_block(m, h)
-                skips[-1] = h
-                continue
-            else:
-                h = m(h)
-            skips.append(h)
+        h, skips = run_down_path(self, self.conv_in(h), temb_res, run_block)
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
                 raise ValueError(f"down_residuals: expected {len(skips)} (one per skip connection), "
