@@ -87,17 +87,15 @@ def _sample(args) -> int:
         from raphael_jax.models.lora import merge_lora
         from raphael_jax.train.finetune import load_lora_files
 
-        adapters = load_lora_files(args.lora, run.ema_params, source_of=lambda f: f"--lora {f}")
+        adapters, metas = load_lora_files(args.lora, run.ema_params, source_of=lambda f: f"--lora {f}",
+                                          with_meta=True)
         run = dataclasses.replace(run, ema_params=merge_lora(run.ema_params, adapters))
         print(f"applied {len(adapters)} LoRA adapter(s): {', '.join(args.lora)}")
     sampler = Sampler.from_run(run, clip_dir=args.clip, vae_dir=args.vae, tokenizer_dir=args.tokenizer,
                                plan=plan, shard_params=args.fsdp)
-    if args.lora:
-        from raphael_jax.convert.lora_file import load_adapters
-        from raphael_jax.models.lora import parse_lora_arg
+    if args.lora:  # the adapters' subject names are expected to be unknown words
         from raphael_jax.sampling import subject_words
-        for spec in args.lora:
-            meta = load_adapters(parse_lora_arg(spec)[0])[1]
+        for meta in metas:
             sampler.new_words += subject_words(run.config, meta.get("subject") or {})
     height, width = sampler.check_size(args.height, args.width)
     if sampler.buckets and (height, width) not in sampler.buckets:

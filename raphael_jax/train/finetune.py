@@ -64,13 +64,15 @@ def abstract_adapters(config, abstract_params):
                                                          jax.random.key(0)))
 
 
-def load_lora_files(specs, params, *, source_of=str) -> list[tuple[dict, float]]:
+def load_lora_files(specs, params, *, source_of=str, with_meta: bool = False):
     """``[(adapters, scale)]`` for ``raphael-sample --lora FILE[:SCALE]`` arguments, checked against
-    ``params`` (LoraError naming the file when one does not fit)."""
-    out = []
+    ``params`` (LoraError naming the file when one does not fit); with ``with_meta`` also the files'
+    metadata, in the same order."""
+    out, metas = [], []
     for spec in specs:
         path, scale = lora_lib.parse_lora_arg(spec)
         adapters, meta = load_adapters(path)
         lora_lib.check_fits(adapters, params, source_of(path))
         out.append((adapters, lora_lib.adapter_scale(meta["alpha"], meta["rank"], scale)))
-    return out
+        metas.append(meta)
+    return (out, metas) if with_meta else out
