@@ -57,6 +57,8 @@ setup(
             "raphael-convert=raphael_jax.cli.convert:main",
             "raphael-data=raphael_jax.cli.data:main",
             "raphael-train-vae=raphael_jax.cli.train_vae:main",
+            "raphael-train-upscaler=raphael_jax.cli.train_upscaler:main",
+            "raphael-upscale=raphael_jax.cli.upscale:main",
         ],
     },
 )

@@ -270,10 +270,11 @@ def config_module(this_file: str, name: str):
     return module
 
 
-def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+def load_config(spec: str, overrides: list[str] | tuple[str, ...] = (), *, validator=None) -> ml_collections.ConfigDict:
     """Load ``path/to/config.py`` or ``path/to/config.py:variants`` (``get_config(variants)``), then
     apply ``key.sub=value`` overrides (values parsed as Python literals, else kept as strings) and
-    :func:`validate`. Returns a locked ConfigDict."""
+    :func:`validate` (or ``validator``: another trainer's config, e.g. the upscaler's). Returns a locked
+    ConfigDict."""
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
@@ -293,7 +294,7 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
                               "with_variants(config, arg) of configs/common.py, applied once")
         del config[VARIANT_KEY]
     apply_overrides(config, overrides)
-    validate(config)
+    (validator or validate)(config)
     config.lock()
     return config
 

@@ -7,19 +7,23 @@ of the package parses arguments or defines ``main``. ``python -m raphael_jax.cli
 |---|---|
 | ``raphael-train`` | :mod:`raphael_jax.cli.train` |
 | ``raphael-sample`` | :mod:`raphael_jax.cli.sample` |
-| ``raphael-eval`` (alignment, probe, fid, coco-fid, sfd, clip-score) | :mod:`raphael_jax.cli.eval` |
+| ``raphael-eval`` (alignment, subject, control, report, upscale, probe, fid, ...) | :mod:`raphael_jax.cli.eval` |
 | ``raphael-params`` | :mod:`raphael_jax.cli.params` |
 | ``raphael-aot`` | :mod:`raphael_jax.cli.aot` |
 | ``raphael-paths`` | :mod:`raphael_jax.cli.paths` |
 | ``raphael-ablate`` | :mod:`raphael_jax.cli.ablate` |
 | ``raphael-precompute`` | :mod:`raphael_jax.cli.precompute` |
-| ``raphael-convert`` (clip, vae, inception) | :mod:`raphael_jax.cli.convert` |
-| ``raphael-data`` (image-text, shapes) | :mod:`raphael_jax.cli.data` |
+| ``raphael-convert`` (clip, vae, inception, esrgan) | :mod:`raphael_jax.cli.convert` |
+| ``raphael-data`` (image-text, shapes, shapes-folder) | :mod:`raphael_jax.cli.data` |
+| ``raphael-train-vae`` | :mod:`raphael_jax.cli.train_vae` |
+| ``raphael-train-upscaler`` | :mod:`raphael_jax.cli.train_upscaler` |
+| ``raphael-upscale`` | :mod:`raphael_jax.cli.upscale` |
 
 Bad input (arguments, config values, missing or wrong folders, corrupt files) is answered with one line,
 ``<command>: error: <what is wrong and what to do>``, and exit status 2, before anything is written;
-``--debug`` shows the traceback instead. ``raphael-sample``, ``raphael-eval``, ``raphael-convert`` and
-``raphael-data`` share :func:`run_guarded` and :func:`add_debug_flag` below (this module holds no
+``--debug`` shows the traceback instead. ``raphael-sample``, ``raphael-eval``, ``raphael-convert``,
+``raphael-data``, ``raphael-upscale`` and ``raphael-train-upscaler`` share :func:`run_guarded` and
+:func:`add_debug_flag` below (this module holds no
 command, so it is not a console script).
 """
 

@@ -3,11 +3,14 @@
     raphael-convert clip weights/clip-vit-g-14 converted/clip-vit-g-14-text [--variant fp16] [--param-dtype bfloat16]
     raphael-convert vae  weights/sd-vae-ft-mse converted/sd-vae-ft-mse [--from-pickle]
     raphael-convert inception weights/pt_inception-2015-12-05-6726825d.pth weights/fid_inception.safetensors
+    raphael-convert esrgan weights/RealESRGAN_x4plus.pth weights/RealESRGAN_x4plus.safetensors [--key params_ema]
 
 ``clip`` / ``vae``: a transformers / diffusers ``save_pretrained`` directory -> an orbax checkpoint that
 ``raphael_jax.convert.load_converted`` restores (:func:`raphael_jax.convert.orbax.convert`, docs/CONVERT.md).
 ``inception``: pytorch-fid's Inception ``.pth`` -> safetensors for FID
 (:func:`raphael_jax.evaluation.inception.convert_pytorch_fid_weights`, docs/EVALUATION.md).
+``esrgan``: a Real-ESRGAN generator ``.pth`` (RRDBNet) -> safetensors for the upscaler
+(:func:`raphael_jax.convert.esrgan.convert_esrgan_weights`, docs/CONVERT.md).
 
 Everything is checked before anything is written: a missing, truncated or corrupt source (config.json,
 safetensors, .bin, .pth) or an existing output is refused with one line and exit status 2, leaving the
@@ -27,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raphael-convert",
         description="Convert a transformers CLIP text model or a diffusers AutoencoderKL directory "
         "(safetensors) into an orbax checkpoint that raphael_jax.convert.load_converted restores, or "
-        "pytorch-fid's Inception weights (.pth) to safetensors for raphael_jax FID.",
+        "pytorch-fid's Inception weights (.pth) to safetensors for raphael_jax FID, or a Real-ESRGAN generator "
+        "(.pth) to safetensors for the upscaler.",
     )
     sub = p.add_subparsers(dest="kind", required=True)
     for kind, what in (("clip", "CLIP text tower"), ("vae", "AutoencoderKL")):
@@ -46,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("src", help="pytorch-fid state dict, e.g. " + FID_WEIGHTS_FILE)
     i.add_argument("out", help="new .safetensors file (never overwritten)")
     i.add_argument("--channel-divisor", type=int, default=1, help=argparse.SUPPRESS)  # tests only
+    e = sub.add_parser("esrgan", help="Real-ESRGAN generator (RRDBNet) .pth -> safetensors, e.g. RealESRGAN_x4plus.pth "
+                       "(download: https://github.com/xinntao/Real-ESRGAN/releases)")
+    e.add_argument("src", help="Real-ESRGAN / ESRGAN .pth, e.g. RealESRGAN_x4plus.pth or RealESRGAN_x2plus.pth")
+    e.add_argument("out", help="new .safetensors file (never overwritten)")
+    e.add_argument("--key", default=None,
+                   help="the .pth's key holding the state dict (default: params_ema if present, else params, "
+                   "else the file itself)")
     return add_debug_flag(p)
 
 
@@ -56,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _convert(args) -> int:
+    if args.kind == "esrgan":
+        from raphael_jax.convert.esrgan import convert_esrgan_weights, describe, infer_rrdbnet_config
+        from raphael_jax.convert.safetensors_io import safetensors_shapes
+
+        out = convert_esrgan_weights(args.src, args.out, key=args.key)
+        arch = describe(infer_rrdbnet_config(safetensors_shapes([out])))
+        print(f"wrote {out}: {arch}; upscale with `raphael-upscale IN OUT --weights {out}`")
+        return 0
     if args.kind == "inception":
         from raphael_jax.evaluation.inception import InceptionConfig, convert_pytorch_fid_weights
 

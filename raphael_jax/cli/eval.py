@@ -70,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     cn.add_argument("--steps", type=int, default=None)
     cn.add_argument("--seed", type=int, default=None, help="scene and noise seed (config eval.seed)")
 
+    up = sub.add_parser("upscale", help="an upscaler's PSNR and analyzer scores against bicubic upscaling",
+                        description="Held-out shapes-world scenes (test stream 2) downscaled, degraded or rendered "
+                        "small, upscaled, and compared with their HR renders (raphael_jax/evaluation/upscale.py).")
+    up.add_argument("--weights", required=True, help="RRDBNet safetensors (raphael-train-upscaler's generator, or "
+                    "raphael-convert esrgan)")
+    up.add_argument("--seed", type=int, default=1234, help="test scenes' seed (default 1234)")
+    up.add_argument("--num", type=int, default=256, help="test scenes (default 256)")
+    up.add_argument("--hr-size", type=int, default=128, help="HR side in pixels (default 128)")
+    up.add_argument("--inputs", default=",".join(("bicubic", "degraded", "render")),
+                    help="comma-separated input kinds: bicubic, degraded, render")
+    up.add_argument("--out", default=None, help="new JSON file for the result (default: print only)")
+    up.add_argument("--grid", default=None, help="new PNG: input / bicubic / upscaler / HR of 4 render scenes")
+
     rp = sub.add_parser("report", help="markdown table of the subject / control measurements' saved results",
                         description="Markdown tables of `raphael-eval subject` (a base and its fine-tuned runs) or "
                         "`raphael-eval control` results, from the runs' eval/*.json (launch/finetune_ring.sh).")
@@ -189,7 +202,8 @@ def _coco_fid_parser(p: argparse.ArgumentParser) -> None:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    run = {"alignment": _alignment, "subject": _subject, "control": _control, "report": _report, "probe": _probe,
+    run = {"alignment": _alignment, "subject": _subject, "control": _control, "report": _report,
+           "upscale": _upscale, "probe": _probe,
            "fid": _fid, "coco-fid": _coco_fid, "sfd": _sfd, "clip-score": _clip_score}[args.what]
     return run_guarded(p.prog, args.debug, lambda: run(p, args))
 
@@ -299,6 +313,40 @@ def _control(p: argparse.ArgumentParser, args) -> int:
     with open(path, "w") as f:
         json.dump({"step": sampler.step, "seed": seed, "scale": scale, "results": results}, f, indent=1)
     print("saved", path)
+    return 0
+
+
+def _upscale(p: argparse.ArgumentParser, args) -> int:
+    from raphael_jax.evaluation.upscale import INPUTS
+
+    inputs = tuple(k.strip() for k in args.inputs.split(",") if k.strip())
+    if not inputs or any(k not in INPUTS for k in inputs):
+        p.error(f"--inputs: expected some of {', '.join(INPUTS)}, got {args.inputs!r}")
+    if args.num < 2:
+        p.error("--num must be at least 2")
+    for path, suffix in ((args.out, ".json"), (args.grid, ".png")):
+        if path is not None:
+            _check_new_file(path, suffix)
+    from raphael_jax.convert.esrgan import load_rrdbnet
+    from raphael_jax.evaluation.upscale import evaluate_upscaler, example_grid, report_markdown
+
+    model = load_rrdbnet(args.weights)
+    t0 = time.perf_counter()
+    result = evaluate_upscaler(model, seed=args.seed, num=args.num, hr_size=args.hr_size, inputs=inputs,
+                               progress=lambda kind, r: print(f"{kind}: PSNR {r['psnr_upscaler']:.2f} dB "
+                                                              f"(bicubic {r['psnr_bicubic']:.2f})", flush=True))
+    result["weights"] = os.path.abspath(args.weights)
+    print(report_markdown(result))
+    print(f"({time.perf_counter() - t0:.0f} s)")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print("saved", args.out)
+    if args.grid:
+        from raphael_jax.sampling import save_png
+
+        save_png(example_grid(model, seed=args.seed, hr_size=args.hr_size), args.grid,
+                 "input (nearest) | bicubic | upscaler | HR", {"weights": result["weights"]})
+        print("saved", args.grid)
     return 0
 
 

@@ -9,8 +9,10 @@ the most square one). ``--lora FILE[:SCALE]`` (repeatable) applies LoRA adapters
 ``lora.safetensors``, docs/FINETUNE.md) to a merged copy of the weights. A ControlNet run (``control.enabled``)
 samples under ``--control IMAGE`` (its edge map, by the run's ``model.edge.source``: Canny or outlines; with
 ``--control-map`` the image is the single-channel map itself) at ``--control-scale`` (default
-``control.scale``). Exit status 2 with one error line for bad arguments, a folder that is no trained run,
-a wrong adapter or control file, or missing / corrupt encoder or tokenizer files (``--debug``: the traceback).
+``control.scale``). ``--upscale WEIGHTS`` also writes every sample upscaled by a Real-ESRGAN-style RRDBNet
+(``sample_NNNN_x4.png``; the paper's 4096 x 6144 outputs, docs/UPSCALE.md). Exit status 2 with one error
+line for bad arguments, a folder that is no trained run, a wrong adapter, control or upscaler file, or
+missing / corrupt encoder or tokenizer files (``--debug``: the traceback).
 """
 from __future__ import annotations
 
@@ -45,6 +47,11 @@ def main(argv=None) -> int:
     p.add_argument("--control-map", action="store_true",
                    help="--control is already the single-channel control map (white = edge), not a picture")
     p.add_argument("--control-scale", type=float, default=None, help="ControlNet strength (default control.scale)")
+    p.add_argument("--upscale", default=None, metavar="WEIGHTS",
+                   help="also write every sample upscaled by this RRDBNet (.safetensors: raphael-convert esrgan or "
+                   "raphael-train-upscaler) as sample_NNNN_xS.png")
+    p.add_argument("--upscale-tile", type=int, default=None,
+                   help="tile side in pixels for --upscale (default raphael-upscale's; 0: whole images)")
     p.add_argument("--fsdp", action="store_true",
                    help="shard the weights over the local devices (models that do not fit one device)")
     add_debug_flag(p)
@@ -62,6 +69,10 @@ def main(argv=None) -> int:
         p.error("--control-scale must be >= 0")
     if (args.control_map or args.control_scale is not None) and not args.control:
         p.error("--control-map / --control-scale need --control IMAGE")
+    if args.upscale_tile is not None and not args.upscale:
+        p.error("--upscale-tile needs --upscale WEIGHTS")
+    if args.upscale_tile is not None and args.upscale_tile < 0:
+        p.error("--upscale-tile must be >= 0")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file, not a folder")
     return run_guarded(p.prog, args.debug, lambda: _sample(args), system_exit=True)
@@ -80,6 +91,10 @@ def _sample(args) -> int:
         ck = RunCheckpoints(args.workdir, async_save=False)
         plan = local_plan(ck.restore_config(args.step))
         ck.close()
+    upscaler = None
+    if args.upscale:  # loaded (and checked) before sampling, so a bad file fails fast
+        from raphael_jax.convert.esrgan import load_rrdbnet
+        upscaler = load_rrdbnet(args.upscale)
     run = load_run(args.workdir, args.step, weights="ema", plan=plan)
     if args.lora:  # merged into a copy of the weights, sharded like them
         import dataclasses
@@ -132,10 +147,28 @@ def _sample(args) -> int:
         path = _free_path(args.out, f"sample_{i:04d}.png")
         save_png(im, path, pr, {**meta, "index": i})
         written.append(path)
+    if upscaler is not None:
+        written += _write_upscaled(upscaler, images, prompts, args, meta)
     grid_path = _free_path(args.out, "grid.png")
     save_png(image_grid(images, cols=args.num), grid_path, " | ".join(args.prompt), meta)
     print(f"wrote {len(written)} images and {grid_path}")
     return 0
+
+
+def _write_upscaled(model, images, prompts, args, meta) -> list[str]:
+    """Each sample upscaled (tiled, :func:`raphael_jax.models.upscale_tiling.upscale_picture`) as sample_NNNN_xS.png."""
+    from raphael_jax.models.upscale_tiling import DEFAULT_TILE, UpscaleProgress, upscale_picture
+    from raphael_jax.sampling import save_png
+
+    tile = DEFAULT_TILE if args.upscale_tile is None else args.upscale_tile
+    written = []
+    for i, (pr, im) in enumerate(zip(prompts, images)):
+        big = upscale_picture(model, im, tile=tile, progress=UpscaleProgress(f"upscaling sample {i}", every=30.0))
+        path = _free_path(args.out, f"sample_{i:04d}_x{model.scale}.png")
+        save_png(big, path, pr, {**meta, "index": i, "upscale": os.path.abspath(args.upscale)})
+        written.append(path)
+    print(f"upscaled {len(written)} images x{model.scale} with {args.upscale}", flush=True)
+    return written
 
 
 def _free_path(folder: str, name: str) -> str:

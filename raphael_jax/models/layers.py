@@ -29,11 +29,13 @@ def dense(in_features: int, out_features: int, names: Names, *, rngs: nnx.Rngs, 
 
 
 def conv(in_features: int, out_features: int, kernel: int = 3, stride: int = 1, *, rngs: nnx.Rngs,
-         dtype=None, zero_init: bool = False) -> nnx.Conv:
+         dtype=None, zero_init: bool = False, kernel_init=None, param_dtype=jnp.float32) -> nnx.Conv:
     """NHWC 2D convolution, HWIO kernel tagged ``(None, None, conv_in, conv_out)``."""
     kwargs = {"kernel_init": nnx.initializers.zeros_init()} if zero_init else {}
+    if kernel_init is not None:
+        kwargs["kernel_init"] = kernel_init
     return nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride, padding="SAME",
-                    dtype=dtype, rngs=rngs,
+                    dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                     kernel_metadata={"out_sharding": (None, None, "conv_in", "conv_out")},
                     bias_metadata={"out_sharding": ("conv_out",)}, **kwargs)
 

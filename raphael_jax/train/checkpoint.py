@@ -57,7 +57,10 @@ SIZES_DIR = "checkpoint_sizes"  # <workdir>/checkpoint_sizes/<step>.json: every 
 class RunCheckpoints:
     """Thin wrapper over ``ocp.CheckpointManager`` for one workdir."""
 
-    def __init__(self, workdir: str, max_to_keep: int = 2, async_save: bool = True):
+    def __init__(self, workdir: str, max_to_keep: int = 2, async_save: bool = True, config_from=from_saved):
+        """``config_from``: the saved config's JSON dict -> the run's config (validating it); the diffusion
+        trainer's :func:`raphael_jax.config.from_saved` by default, the upscaler trainer passes its own."""
+        self.config_from = config_from
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self._opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                   enable_async_checkpointing=async_save)
@@ -167,7 +170,7 @@ class RunCheckpoints:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return from_saved(out["config"])
+        return self.config_from(out["config"])
 
     def check_step(self, step: int) -> None:
         """Raise ``DamagedCheckpointError`` unless ``step``'s folder holds every item with its files intact.

@@ -213,6 +213,53 @@ OTHER_CASES = {
         "convert", ["inception", "{bad_pth}", "{tmp}/fid.safetensors"], "bad.pth is not a PyTorch weights file"),
     "convert inception: output exists": (
         "convert", ["inception", "{bad_pth}", "{afile}"], "afile exists; refusing to overwrite"),
+    "convert esrgan: no such .pth": (
+        "convert", ["esrgan", "{tmp}/nope.pth", "{tmp}/x4.safetensors"], "nope.pth: no such file (download"),
+    "convert esrgan: corrupt .pth": (
+        "convert", ["esrgan", "{bad_pth}", "{tmp}/x4.safetensors"], "bad.pth is not a PyTorch weights file"),
+    "convert esrgan: output exists": (
+        "convert", ["esrgan", "{bad_pth}", "{net}"], "net.safetensors exists; refusing to overwrite"),
+    "convert esrgan: output not .safetensors": (
+        "convert", ["esrgan", "{bad_pth}", "{tmp}/x4.pth"], "the output must be a new .safetensors file"),
+    # raphael-upscale: missing / corrupt images and weights, outputs that exist, bad tiles
+    "upscale: no such input": (
+        "upscale", ["{tmp}/nope.png", "{tmp}/out.png", "--weights", "{net}"], "nope.png does not exist"),
+    "upscale: output exists": (
+        "upscale", ["{images_ok}/a.png", "{afile}", "--weights", "{net}"], "afile exists; refusing to overwrite"),
+    "upscale: output folder not empty": (
+        "upscale", ["{images_ok}", "{full}", "--weights", "{net}"], "is not an empty folder; refusing"),
+    "upscale: folder without images": (
+        "upscale", ["{empty}", "{tmp}/out", "--weights", "{net}"], "holds no images"),
+    "upscale: corrupt image": (
+        "upscale", ["{images_bad}/bad.png", "{tmp}/out.png", "--weights", "{net}"], "bad.png is not a readable image"),
+    "upscale: corrupt weights": (
+        "upscale", ["{images_ok}/a.png", "{tmp}/out.png", "--weights", "{st_garbage}/model.safetensors"],
+        "model.safetensors is not a safetensors file"),
+    "upscale: unknown output type": (
+        "upscale", ["{images_ok}/a.png", "{tmp}/out.tif", "--weights", "{net}"], "unknown image type '.tif'"),
+    "upscale: tile within twice the halo": (
+        "upscale", ["{images_ok}/a.png", "{tmp}/out.png", "--weights", "{net}", "--tile", "32", "--halo", "16"],
+        "must exceed 2 x --halo"),
+    # raphael-train-upscaler: bad config values, a workdir that is a file, a missing init_from
+    "train-upscaler: bad degradation": (
+        "train_upscaler", ["--workdir", "{tmp}/sr", "--set", "data.degradation=jpeg"],
+        "data.degradation='jpeg': must be 'realesrgan' or 'clean'"),
+    "train-upscaler: bad perceptual net": (
+        "train_upscaler", ["--workdir", "{tmp}/sr", "--set", "loss.perceptual_net=alexnet"],
+        "loss.perceptual_net='alexnet': expected 'vgg19:PATH"),
+    "train-upscaler: workdir is a file": (
+        "train_upscaler", ["--workdir", "{afile}"], "is a file, not a folder"),
+    "train-upscaler: no such init_from": (
+        "train_upscaler", ["--workdir", "{tmp}/sr", "--set", "train.init_from={tmp}/nope.safetensors"],
+        "nope.safetensors: no such file"),
+    # raphael-eval upscale / raphael-sample --upscale
+    "eval upscale: corrupt weights": (
+        "eval", ["upscale", "--weights", "{st_garbage}/model.safetensors"], "is not a safetensors file"),
+    "eval upscale: result not .json": (
+        "eval", ["upscale", "--weights", "{net}", "--out", "{stats_npz}"], "the output must be a .json file"),
+    "sample --upscale: corrupt weights": (
+        "sample", ["--workdir", "{run_empty}", "--prompt", "a red circle", "--out", "{tmp}/o", "--upscale",
+                   "{st_garbage}/model.safetensors"], "model.safetensors is not a safetensors file"),
     # raphael-data: missing / empty / corrupt sources, bad buckets, folders that are files or not empty
     "data image-text: no such source": (
         "data", ["image-text", "{tmp}/nope", "--data-dir", "{tmp}/tfds"], "nope' does not exist"),
@@ -274,7 +321,7 @@ OTHER_CASES = {
 @pytest.mark.parametrize("name", sorted(OTHER_CASES))
 def test_commands_refuse_bad_input(name, tmp_path, capsys):
     command, argv, expect = OTHER_CASES[name]
-    refused(main_of(command), argv, expect, tmp_path, capsys, prog=f"raphael-{command}")
+    refused(main_of(command), argv, expect, tmp_path, capsys, prog=f"raphael-{command.replace('_', '-')}")
 
 
 def test_at_least_thirty_cases():

@@ -93,10 +93,11 @@ def test_subcommands():
     def subs(name):
         return set(_subcommand_paths(_parser_of(_main_of(SCRIPTS[name]))))
 
-    assert {("alignment",), ("subject",), ("control",), ("report",), ("probe",), ("fid",), ("fid", "stats"),
+    assert {("alignment",), ("subject",), ("control",), ("report",), ("upscale",), ("probe",), ("fid",),
+            ("fid", "stats"),
             ("fid", "distance"), ("coco-fid",), ("sfd",), ("sfd", "train"), ("sfd", "score"),
             ("clip-score",)} == subs("raphael-eval")
-    assert {("clip",), ("vae",), ("inception",)} == subs("raphael-convert")
+    assert {("clip",), ("vae",), ("inception",), ("esrgan",)} == subs("raphael-convert")
     assert {("image-text",), ("shapes",), ("shapes-folder",)} == subs("raphael-data")
 
 
