@@ -3,7 +3,7 @@
     python bench/upscale_large.py --note "nothing else ran"          # ~25-35 min on the 2-core CPU
     python bench/upscale_large.py --size 64x96 --tile 48 --out /tmp/x.md   # a smoke run
 
-RAPHAEL's showcase images are 4096 x 6144 (the paper, Sec. 4.1, upscaled by a Real-ESRGAN-style
+RAPHAEL's showcase images are 4096 x 6144 (the paper, App. 7.8, upscaled by a Real-ESRGAN-style
 SR-GAN). This runs the real command (``python -m raphael_jax.cli.upscale``) in a child process on a
 ``--size`` (W x H) picture, a shapes-world scene rendered at the larger side and cropped, with the
 published RealESRGAN_x4plus architecture (23 RRDBs, 64 features). The public weights cannot be

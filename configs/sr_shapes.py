@@ -3,7 +3,7 @@
     raphael-train-upscaler --config configs/sr_shapes.py --workdir runs/sr_shapes
     raphael-eval upscale --weights runs/sr_shapes/generator.safetensors --seed 1234
 
-The paper's upscaler (Sec. 4.1) follows Real-ESRGAN (Wang et al., 2021): an RRDBNet generator first
+The paper's upscaler (App. 7.8) follows Real-ESRGAN (Wang et al., 2021): an RRDBNet generator first
 trained with L1 alone (Real-ESRNet), then with L1 + perceptual + GAN losses against a U-Net
 discriminator with spectral normalisation, on pairs made by the high-order degradation model
 (``raphael_jax/data/degrade.py``). What is scaled down here, for the 2-core CPU (docs/RESULTS.md):

@@ -1,7 +1,7 @@
-"""RRDBNet, the generator of ESRGAN / Real-ESRGAN, in Flax NNX (the paper's upscaler, Sec. 4.1).
+"""RRDBNet, the generator of ESRGAN / Real-ESRGAN, in Flax NNX (the paper's upscaler, App. 7.8).
 
 RAPHAEL's 4096 x 6144 showcase images come from "a tailor-made SR-GAN" in the style of Real-ESRGAN
-on top of the diffusion model's output (the paper, Sec. 4.1 and Fig. 1). This is that generator's
+on top of the diffusion model's output (the paper, App. 7.8). This is that generator's
 published architecture (Wang et al., ESRGAN 2018 and Real-ESRGAN 2021), parameter for parameter, so
 the public Real-ESRGAN weights load by name (``raphael_jax/convert/esrgan.py``):
 

@@ -1,4 +1,4 @@
-"""Upscaling images far larger than memory with an RRDBNet, tile by tile (the paper's 4096 x 6144 outputs, Sec. 4.1).
+"""Upscaling images far larger than memory with an RRDBNet, tile by tile (the paper's 4096 x 6144 outputs, App. 7.8).
 
 The image is cut into overlapping windows of ONE shape (``tile x tile`` input pixels, or the image's
 side where it is shorter), laid out by :func:`raphael_jax.models.vae_tiling.tile_layout`: window ``k``

@@ -1,4 +1,4 @@
-"""Training the upscaler (the paper's "tailor-made" SR-GAN, Sec. 4.1) with Real-ESRGAN's recipe.
+"""Training the upscaler (the paper's "tailor-made" SR-GAN, App. 7.8) with Real-ESRGAN's recipe.
 
 Real-ESRGAN (Wang et al., 2021) trains an RRDBNet generator in two stages, and so does this trainer:
 

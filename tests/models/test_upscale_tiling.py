@@ -133,3 +133,12 @@ def test_raphael_upscale_writes_the_tiled_picture(tmp_path, capsys):
     assert main([str(tmp_path / "many"), str(tmp_path / "many_x4"), "--weights", str(weights), "--tile", "0"]) == 0
     assert sorted(p.name for p in (tmp_path / "many_x4").iterdir()) == ["im0.png", "im1.png"]
     assert Image.open(tmp_path / "many_x4" / "im1.png").size == (128, 128)
+
+
+def test_every_rrdbnet_parameter_carries_logical_axis_names():
+    model = RRDBNet(SMALL, rngs=nnx.Rngs(0))
+    flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    assert len(flat) == 2 * (1 + 2 * 3 * 5 + 5)  # kernel + bias of every conv
+    for path, var in flat:
+        want = (None, None, "conv_in", "conv_out") if path[-1] == "kernel" else ("conv_out",)
+        assert var.get_metadata().get("out_sharding") == want, path
