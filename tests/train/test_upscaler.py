@@ -138,3 +138,19 @@ def test_evaluation_against_bicubic(tmp_path, capsys):
     assert saved["num"] == 2 and set(saved["inputs"]) == {"bicubic"}
     assert "| bicubic | upscaler |" in capsys.readouterr().out
     assert (tmp_path / "g.png").is_file()
+
+
+def test_ema_decay_warms_up_to_the_configured_value():
+    assert float(upscaler.ema_decay(0, 0.999)) == pytest.approx(0.1)
+    assert float(upscaler.ema_decay(90, 0.999)) == pytest.approx(91 / 100)
+    assert float(upscaler.ema_decay(10**6, 0.999)) == pytest.approx(0.999)
+    # after the first steps the average is mostly the live weights, not the initialisation
+    c = tiny_config("train.lr_g=2e-3")
+    trainer, state = upscaler.build(c)
+    init = leaves(state["g"])
+    lr, hr = (jnp.asarray(a) for a in upscaler.training_pairs(c, 0))
+    for _ in range(3):
+        state, _ = trainer.pixel_step(state, lr, hr)
+    for e, g, i in zip(leaves(state["g_ema"]), leaves(state["g"]), init):
+        if not np.array_equal(g, i):
+            assert np.abs(e - g).max() < np.abs(e - i).max()
