@@ -142,3 +142,15 @@ def test_every_rrdbnet_parameter_carries_logical_axis_names():
     for path, var in flat:
         want = (None, None, "conv_in", "conv_out") if path[-1] == "kernel" else ("conv_out",)
         assert var.get_metadata().get("out_sharding") == want, path
+
+
+def test_parameter_counts_of_the_published_and_the_shapes_generators():
+    """RealESRGAN_x4plus has 16,697,987 parameters (the published .pth); configs/sr_shapes.py's is 758,755."""
+    from raphael_jax.convert.safetensors_io import abstract_module
+
+    def count(cfg):
+        m = abstract_module(lambda: RRDBNet(cfg, rngs=nnx.Rngs(0)))
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+
+    assert count(PRESETS["RealESRGAN_x4plus"]) == 16_697_987
+    assert count(RRDBNetConfig(num_feat=32, num_block=4, num_grow_ch=16)) == 758_755
