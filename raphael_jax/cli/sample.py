@@ -23,6 +23,8 @@ from raphael_jax.cli import add_debug_flag, require_run, run_guarded
 
 
 def main(argv=None) -> int:
+    from raphael_jax.models.upscale_tiling import DEFAULT_HALO
+
     p = argparse.ArgumentParser(prog="raphael-sample",
                                 description="Sample images from a trained RAPHAEL run (EMA weights, DDIM + CFG).")
     p.add_argument("--workdir", required=True)
@@ -71,8 +73,8 @@ def main(argv=None) -> int:
         p.error("--control-map / --control-scale need --control IMAGE")
     if args.upscale_tile is not None and not args.upscale:
         p.error("--upscale-tile needs --upscale WEIGHTS")
-    if args.upscale_tile is not None and args.upscale_tile < 0:
-        p.error("--upscale-tile must be >= 0")
+    if args.upscale_tile is not None and args.upscale_tile != 0 and args.upscale_tile <= 2 * DEFAULT_HALO:
+        p.error(f"--upscale-tile must exceed {2 * DEFAULT_HALO} (twice the tiles' halo), or be 0 for whole images")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file, not a folder")
     return run_guarded(p.prog, args.debug, lambda: _sample(args), system_exit=True)

@@ -257,6 +257,9 @@ OTHER_CASES = {
         "eval", ["upscale", "--weights", "{st_garbage}/model.safetensors"], "is not a safetensors file"),
     "eval upscale: result not .json": (
         "eval", ["upscale", "--weights", "{net}", "--out", "{stats_npz}"], "the output must be a .json file"),
+    "sample --upscale-tile within twice the halo": (
+        "sample", ["--workdir", "{run_empty}", "--prompt", "a red circle", "--out", "{tmp}/o", "--upscale", "{net}",
+                   "--upscale-tile", "16"], "--upscale-tile must exceed 32"),
     "sample --upscale: corrupt weights": (
         "sample", ["--workdir", "{run_empty}", "--prompt", "a red circle", "--out", "{tmp}/o", "--upscale",
                    "{st_garbage}/model.safetensors"], "model.safetensors is not a safetensors file"),

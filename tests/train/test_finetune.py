@@ -140,6 +140,28 @@ def test_adapter_file_equals_the_run_and_merges(runs, tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_sample_upscale_writes_each_sample_upscaled(runs, tmp_path):
+    """raphael-sample --upscale WEIGHTS: sample_NNNN_x4.png is the tiled upscale of sample_NNNN.png."""
+    from flax import nnx
+
+    from raphael_jax.cli.sample import main
+    from raphael_jax.convert.esrgan import save_rrdbnet
+    from raphael_jax.models.rrdbnet import RRDBNet, RRDBNetConfig
+    from raphael_jax.models.upscale_tiling import upscale_tiled
+
+    g = RRDBNet(RRDBNetConfig(num_feat=8, num_block=1, num_grow_ch=4), rngs=nnx.Rngs(0))
+    weights = save_rrdbnet(g, tmp_path / "g.safetensors")
+    out = tmp_path / "out"
+    assert main(["--workdir", runs["base"], "--prompt", PROMPT, "--num", "2", "--out", str(out),
+                 "--upscale", str(weights), "--upscale-tile", "48"]) == 0
+    for i in range(2):
+        small = np.asarray(Image.open(out / f"sample_000{i}.png"))
+        big = np.asarray(Image.open(out / f"sample_000{i}_x4.png"))
+        assert big.shape == (4 * small.shape[0], 4 * small.shape[1], 3)
+        np.testing.assert_array_equal(big, upscale_tiled(g, small, tile=48))
+        assert Image.open(out / f"sample_000{i}_x4.png").text["upscale"] == str(weights)
+
+
 def test_lora_run_resumes_and_refuses_another_base_model(runs, tmp_path):
     from raphael_jax.train.checkpoint import load_run
 
