@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated input kinds: bicubic, degraded, render")
     up.add_argument("--out", default=None, help="new JSON file for the result (default: print only)")
     up.add_argument("--grid", default=None, help="new PNG: input / bicubic / upscaler / HR of 4 render scenes")
+    up.add_argument("--tile-check", default="48:16", metavar="TILE:HALO",
+                    help="also compare tiled with untiled upscaling of 8 test scenes rendered at --hr-size "
+                    "(default 48:16; 'none' to skip)")
 
     rp = sub.add_parser("report", help="markdown table of the subject / control measurements' saved results",
                         description="Markdown tables of `raphael-eval subject` (a base and its fine-tuned runs) or "
@@ -324,6 +327,13 @@ def _upscale(p: argparse.ArgumentParser, args) -> int:
         p.error(f"--inputs: expected some of {', '.join(INPUTS)}, got {args.inputs!r}")
     if args.num < 2:
         p.error("--num must be at least 2")
+    tile_check = None
+    if args.tile_check != "none":
+        try:
+            tile_check = tuple(int(v) for v in args.tile_check.split(":"))
+            assert len(tile_check) == 2 and tile_check[0] > 2 * tile_check[1] >= 0
+        except (ValueError, AssertionError):
+            p.error(f"--tile-check: expected TILE:HALO with TILE > 2 HALO >= 0, or none; got {args.tile_check!r}")
     for path, suffix in ((args.out, ".json"), (args.grid, ".png")):
         if path is not None:
             _check_new_file(path, suffix)
@@ -336,6 +346,11 @@ def _upscale(p: argparse.ArgumentParser, args) -> int:
                                progress=lambda kind, r: print(f"{kind}: PSNR {r['psnr_upscaler']:.2f} dB "
                                                               f"(bicubic {r['psnr_bicubic']:.2f})", flush=True))
     result["weights"] = os.path.abspath(args.weights)
+    if tile_check is not None:
+        from raphael_jax.evaluation.upscale import tiling_agreement
+
+        result["tiling"] = tiling_agreement(model, seed=args.seed, size=args.hr_size, tile=tile_check[0],
+                                            halo=tile_check[1])
     print(report_markdown(result))
     print(f"({time.perf_counter() - t0:.0f} s)")
     if args.out:

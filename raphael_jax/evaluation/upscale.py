@@ -29,7 +29,8 @@ from raphael_jax.data.shapes.world import example
 from raphael_jax.models.rrdbnet import RRDBNet
 from raphael_jax.models.upscale_tiling import to_uint8, upscale
 
-__all__ = ["INPUTS", "TEST_STREAM", "evaluate_upscaler", "psnr", "report_markdown", "test_scenes"]
+__all__ = ["INPUTS", "TEST_STREAM", "evaluate_upscaler", "psnr", "report_markdown", "test_scenes",
+           "tiling_agreement"]
 
 INPUTS = ("bicubic", "degraded", "render")
 TEST_STREAM = 2
@@ -101,6 +102,23 @@ def evaluate_upscaler(model: RRDBNet, *, seed: int = 1234, num: int = 256, hr_si
     return out
 
 
+def tiling_agreement(model: RRDBNet, *, seed: int = 1234, num: int = 8, size: int = 128, tile: int = 48,
+                     halo: int = 16, min_objects: int = 1, max_objects: int = 3) -> dict:
+    """How far tiled upscaling is from untiled on ``num`` test scenes rendered at ``size`` px (inputs larger
+    than the tiles, so every image is cut into several windows): the fraction of uint8 values within one
+    level, identical, and the largest difference."""
+    from raphael_jax.models.upscale_tiling import upscale_tiled
+
+    images, _ = test_scenes(seed, num, size, min_objects, max_objects)
+    diffs = []
+    for image in images:
+        full = to_uint8(upscale(model, image[None])[0])
+        diffs.append(np.abs(upscale_tiled(model, image, tile=tile, halo=halo).astype(int) - full.astype(int)))
+    d = np.stack(diffs)
+    return {"num": num, "size": size, "tile": tile, "halo": halo, "within_1": float((d <= 1).mean()),
+            "identical": float((d == 0).mean()), "max_diff": int(d.max())}
+
+
 def example_grid(model: RRDBNet, *, seed: int = 1234, num: int = 4, hr_size: int = 128, kind: str = "render",
                  min_objects: int = 1, max_objects: int = 3) -> np.ndarray:
     """uint8 picture: per row one test scene as (input, nearest-upscaled), bicubic, upscaler, HR."""
@@ -127,4 +145,9 @@ def report_markdown(result: dict) -> str:
             gain = f"{r['psnr_gain_mean']:+.2f} +- {r['psnr_gain_se']:.2f}" if method == "upscaler" else ""
             lines.append(f"| {kind} | {method} | {r[f'psnr_{method}']:.2f} | {gain} | "
                          + " | ".join(f"{s[k]:.3f}" for k in _KEEP) + " |")
+    if "tiling" in result:
+        t = result["tiling"]
+        lines += ["", f"Tiled ({t['tile']} px windows, halo {t['halo']}) against untiled on {t['num']} scenes of "
+                  f"{t['size']} px: {100 * t['within_1']:.3f}% of values within 1 level, {100 * t['identical']:.3f}% "
+                  f"identical, largest difference {t['max_diff']}."]
     return "\n".join(lines)

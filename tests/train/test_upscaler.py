@@ -128,14 +128,22 @@ def test_evaluation_against_bicubic(tmp_path, capsys):
     assert res["inputs"]["bicubic"]["psnr_bicubic"] > 20  # bicubic round trip of flat shapes
     # an untrained generator is far worse than bicubic: the comparison can go either way
     assert res["inputs"]["bicubic"]["psnr_gain_mean"] < 0
+    # tiled against untiled: exact with the exact halo, and reported
+    from raphael_jax.evaluation.upscale import tiling_agreement
+    from raphael_jax.models.upscale_tiling import exact_halo
+
+    h = exact_halo(g)
+    agree = tiling_agreement(g, seed=5, num=2, size=2 * h + 24, tile=2 * h + 8, halo=h)
+    assert agree["within_1"] == 1.0 and agree["max_diff"] <= 1
     # the command
     from raphael_jax.cli.eval import main
 
     weights = save_rrdbnet(g, tmp_path / "g.safetensors")
-    assert main(["upscale", "--weights", str(weights), "--num", "2", "--inputs", "bicubic",
+    assert main(["upscale", "--weights", str(weights), "--num", "2", "--inputs", "bicubic", "--tile-check", "24:4",
                  "--out", str(tmp_path / "r.json"), "--grid", str(tmp_path / "g.png")]) == 0
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["num"] == 2 and set(saved["inputs"]) == {"bicubic"}
+    assert saved["tiling"]["tile"] == 24 and 0 <= saved["tiling"]["within_1"] <= 1
     assert "| bicubic | upscaler |" in capsys.readouterr().out
     assert (tmp_path / "g.png").is_file()
 
