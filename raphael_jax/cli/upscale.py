@@ -63,6 +63,11 @@ def _jobs(src: Path, dst: Path) -> list[tuple[Path, Path]]:
             raise ValueError(f"IN {src} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
             raise FileExistsError(f"OUT {dst} exists and is not an empty folder; refusing to overwrite it")
+        stems = [f.stem for f in files]
+        clash = sorted({s for s in stems if stems.count(s) > 1})
+        if clash:
+            raise ValueError(f"IN {src}: several images share the name {clash[0]!r} (e.g. .png and .jpg); they "
+                             "would be written to the same OUT/<name>.png: rename one")
         return [(f, dst / (f.stem + ".png")) for f in files]
     if dst.exists():
         raise FileExistsError(f"OUT {dst} exists; refusing to overwrite it: give a new file name")
@@ -104,6 +109,9 @@ def _upscale(args) -> int:
         t0 = time.perf_counter()
         out = upscale_picture(model, picture, scale=args.scale, tile=args.tile, halo=args.halo,
                               progress=UpscaleProgress(f"{src.name}"))
+        if dst.suffix.lower() in (".jpg", ".jpeg") and out.ndim == 3 and out.shape[-1] in (2, 4):
+            print(f"note: {dst.name}: JPEG has no alpha channel; it is dropped", flush=True)
+            out = out[..., :-1] if out.shape[-1] == 4 else out[..., 0]
         info = PngImagePlugin.PngInfo()
         info.add_text("upscaled_by", f"raphael-upscale --weights {args.weights} --tile {args.tile} --halo {args.halo}")
         Image.fromarray(out).save(dst, **({"pnginfo": info} if dst.suffix.lower() == ".png" else {}))

@@ -133,6 +133,16 @@ def test_raphael_upscale_writes_the_tiled_picture(tmp_path, capsys):
     assert main([str(tmp_path / "many"), str(tmp_path / "many_x4"), "--weights", str(weights), "--tile", "0"]) == 0
     assert sorted(p.name for p in (tmp_path / "many_x4").iterdir()) == ["im0.png", "im1.png"]
     assert Image.open(tmp_path / "many_x4" / "im1.png").size == (128, 128)
+    # RGBA into a JPEG: the alpha channel is dropped with a note
+    Image.fromarray(np.concatenate([image, np.full((32, 32, 1), 255, np.uint8)], -1)).save(tmp_path / "a.png")
+    assert main([str(tmp_path / "a.png"), str(tmp_path / "a.jpg"), "--weights", str(weights), "--tile", "0"]) == 0
+    assert Image.open(tmp_path / "a.jpg").mode == "RGB" and "no alpha channel" in capsys.readouterr().out
+    # two images that would be written to one name are refused before anything is written
+    Image.fromarray(image).save(tmp_path / "many" / "im0.jpg")
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "many"), str(tmp_path / "clash"), "--weights", str(weights)])
+    assert e.value.code == 2 and "share the name 'im0'" in capsys.readouterr().err
+    assert not (tmp_path / "clash").exists()
 
 
 def test_every_rrdbnet_parameter_carries_logical_axis_names():
