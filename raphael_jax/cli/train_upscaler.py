@@ -1,7 +1,7 @@
 """``raphael-train-upscaler``: train the Real-ESRGAN-style upscaler (Real-ESRNet, then Real-ESRGAN stage).
 
-    raphael-train-upscaler --config configs/sr_shapes.py --workdir runs/sr_shapes
-    raphael-train-upscaler --config configs/sr_shapes.py --workdir runs/sr_ft \\
+    raphael-train-upscaler --config configs/upscaler/sr_shapes.py --workdir runs/sr_shapes
+    raphael-train-upscaler --config configs/upscaler/sr_shapes.py --workdir runs/sr_ft \\
         --set train.init_from=weights/RealESRGAN_x4plus.safetensors --set model.num_feat=64 --set model.num_block=23
 
 Running the same command again resumes from the newest intact checkpoint; a workdir trained with another
@@ -21,7 +21,8 @@ from raphael_jax.cli import add_debug_flag, run_guarded
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="raphael-train-upscaler",
                                 description="Train a Real-ESRGAN-style upscaler (RRDBNet + U-Net discriminator).")
-    p.add_argument("--config", default="configs/sr_shapes.py", help="config file (default configs/sr_shapes.py)")
+    p.add_argument("--config", default="configs/upscaler/sr_shapes.py",
+                   help="config file (default configs/upscaler/sr_shapes.py)")
     p.add_argument("--workdir", required=True, help="run folder (checkpoints, metrics, generator.safetensors)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--steps", type=int, default=None, help="stop at this step (default train.num_steps)")

@@ -148,6 +148,6 @@ def report_markdown(result: dict) -> str:
     if "tiling" in result:
         t = result["tiling"]
         lines += ["", f"Tiled ({t['tile']} px windows, halo {t['halo']}) against untiled on {t['num']} scenes of "
-                  f"{t['size']} px: {100 * t['within_1']:.3f}% of values within 1 level, {100 * t['identical']:.3f}% "
+                  f"{t['size']} px: {100 * t['within_1']:.4f}% of values within 1 level, {100 * t['identical']:.4f}% "
                   f"identical, largest difference {t['max_diff']}."]
     return "\n".join(lines)

@@ -5,7 +5,7 @@ Data", 2021, Sec. 3.2 and Fig. 6) replaces ESRGAN's VGG-style discriminator by a
 realness logit per pixel, and stabilises it with spectral normalization (Miyato et al., "Spectral
 Normalization for Generative Adversarial Networks", 2018). This is basicsr's / Real-ESRGAN's
 ``UNetDiscriminatorSN(num_in_ch=3, num_feat=64, skip_connection=True)`` layer for layer, so the published
-``RealESRGAN_x4plus_netD.pth`` loads by name (:func:`import_discriminator`):
+``RealESRGAN_x4plus_netD.pth`` loads by name (:func:`raphael_jax.convert.sr_weights.import_discriminator`):
 
 * ``conv0`` (3x3, bias, no SN) and three SN 4x4 stride-2 convs ``conv1..conv3`` down to 1/8 resolution
   (``num_feat`` -> 2x -> 4x -> 8x channels);
@@ -26,24 +26,14 @@ matching it (and a checkpoint) exactly needs it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from raphael_jax.convert.safetensors_io import (
-    ConversionError,
-    abstract_module,
-    import_state,
-    read_tensors,
-)
 from raphael_jax.models.layers import conv
 
 __all__ = ["SPECTRAL_LAYERS", "SpectralConv", "SpectralState", "UNetDiscriminatorConfig", "UNetDiscriminatorSN",
-           "discriminator_config_from", "import_discriminator", "load_discriminator", "torch_param_name",
            "upsample_bilinear_x2"]
 
 #: PyTorch's default Conv2d kernel init (kaiming_uniform_ with a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -220,53 +210,3 @@ class UNetDiscriminatorSN(nnx.Module):
         out = _lrelu(self.conv7(x6, us))
         out = _lrelu(self.conv8(out, us))
         return self.conv9(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading PyTorch weights (basicsr's state dict: ``conv1.weight_orig`` / ``weight_u`` / ``weight_v``)
-
-
-def torch_param_name(path: tuple) -> str:
-    """NNX state path -> basicsr's name: ``conv1/kernel`` -> ``conv1.weight_orig``, ``conv1/u`` ->
-    ``conv1.weight_u``, ``conv1/v`` -> ``conv1.weight_v``, ``conv0/kernel`` -> ``conv0.weight``."""
-    layer, leaf = str(path[0]), str(path[-1])
-    if layer in SPECTRAL_LAYERS:
-        return f"{layer}.weight_" + {"kernel": "orig", "u": "u", "v": "v"}[leaf]
-    return f"{layer}.{'weight' if leaf == 'kernel' else leaf}"
-
-
-def discriminator_config_from(shapes: Mapping[str, tuple[int, ...]],
-                              skip_connection: bool = True) -> UNetDiscriminatorConfig:
-    """The config whose shapes ``conv0.weight`` [num_feat, num_in_ch, 3, 3] implies (the default when absent;
-    ``skip_connection`` has no weights and cannot be read from a checkpoint)."""
-    shape = shapes.get("conv0.weight")
-    if shape is None or len(shape) != 4:
-        return UNetDiscriminatorConfig(skip_connection=skip_connection)
-    return UNetDiscriminatorConfig(num_in_ch=int(shape[1]), num_feat=int(shape[0]), skip_connection=skip_connection)
-
-
-def import_discriminator(tensors: Mapping[str, np.ndarray], cfg: UNetDiscriminatorConfig | None = None, *,
-                         dtype=None, update_stats: bool = True, source: str = "tensors") -> UNetDiscriminatorSN:
-    """A :class:`UNetDiscriminatorSN` holding basicsr's PyTorch tensors (``RealESRGAN_x4plus_netD``'s
-    ``params``): ``*.weight_orig`` -> kernel (OIHW -> HWIO), ``*.weight_u`` / ``*.weight_v`` -> ``u`` / ``v``,
-    ``conv0`` / ``conv9`` ``weight`` and ``bias`` as plain convs.
-
-    ``cfg`` defaults to the one the tensors' shapes imply (:func:`discriminator_config_from`). Raises one
-    :class:`ConversionError` listing every missing, unexpected and mis-shaped tensor.
-    """
-    shapes = {k: tuple(np.shape(v)) for k, v in tensors.items()}
-    cfg = cfg if cfg is not None else discriminator_config_from(shapes)
-    abstract = abstract_module(lambda: UNetDiscriminatorSN(cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                                           update_stats=update_stats))
-    return import_state(abstract, shapes, lambda names: {n: tensors[n] for n in names}, torch_param_name,
-                        what="UNetDiscriminatorSN", source=source)
-
-
-def load_discriminator(path: str | Path, cfg: UNetDiscriminatorConfig | None = None, *, dtype=None,
-                       update_stats: bool = True) -> UNetDiscriminatorSN:
-    """:func:`import_discriminator` from a safetensors file holding basicsr's state dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"{path}: no such file (a safetensors copy of the discriminator's state dict)")
-    return import_discriminator(read_tensors([path]), cfg, dtype=dtype, update_stats=update_stats,
-                                source=str(path))

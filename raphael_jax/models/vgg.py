@@ -12,9 +12,9 @@ distance, inputs in [0, 1] normalised by the ImageNet mean / std, and loss weigh
 :class:`VGG19Features` mirrors torchvision's ``vgg19().features`` Sequential: the conv at index ``i`` is
 ``features / "i"`` here and ``features.{i}.weight`` / ``.bias`` there (convs at 0, 2, 5, 7, 10, 12, 14,
 16, 19, 21, 23, 25, 28, 30, 32, 34; ReLUs after each; 2x2 max pools at 4, 9, 18, 27, 36), so torchvision's
-ImageNet weights load by name (:func:`load_vgg19`). Only the layers up to the deepest requested one exist
-and run (as basicsr's ``VGGFeatureExtractor``). Layers are named as basicsr names them (``conv3_4``,
-``relu3_4``, ``pool3``, ...); images are NHWC.
+ImageNet weights load by name (:func:`raphael_jax.convert.sr_weights.load_vgg19`). Only the layers up to
+the deepest requested one exist and run (as basicsr's ``VGGFeatureExtractor``). Layers are named as
+basicsr names them (``conv3_4``, ``relu3_4``, ``pool3``, ...); images are NHWC.
 
 :func:`random_vgg19` builds the same network with random He-normal weights. It is an explicit stand-in for
 runs without a pretrained VGG19 (random conv features still measure local structure, but they are not the
@@ -22,27 +22,16 @@ loss the paper trains with); nothing here falls back to it silently.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from raphael_jax.convert.safetensors_io import (
-    PICKLE_SUFFIXES,
-    ConversionError,
-    abstract_module,
-    import_state,
-    read_tensors,
-    safetensors_shapes,
-    torch_name,
-)
 from raphael_jax.models.layers import conv
 
 __all__ = ["DEFAULT_LAYER_WEIGHTS", "IMAGENET_MEAN", "IMAGENET_STD", "VGG19_NAMES", "VGG19Features",
-           "load_vgg19", "perceptual_loss", "random_vgg19"]
+           "perceptual_loss", "random_vgg19"]
 
 #: VGG19 configuration E: output channels of each conv, ``"M"`` for a 2x2 max pool (torchvision's ``cfgs["E"]``).
 _CFG_E = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
@@ -137,38 +126,6 @@ def random_vgg19(seed: int = 0, width_divisor: int = 1, layers: Sequence[str] = 
     paper's; use it only when asked for by name. Weights are frozen like the pretrained ones
     (:func:`perceptual_loss` never differentiates them)."""
     return VGG19Features(layers, width_divisor, rngs=nnx.Rngs(seed), **kwargs)
-
-
-_FEATURE_NAME = re.compile(r"features\.(\d+)\.(weight|bias)")
-
-
-def load_vgg19(path: str | Path, width_divisor: int = 1, layers: Sequence[str] = tuple(DEFAULT_LAYER_WEIGHTS), *,
-               dtype=None) -> VGG19Features:
-    """:class:`VGG19Features` holding torchvision's ``vgg19`` weights from a safetensors file of its state dict.
-
-    Names are torchvision's (``features.N.weight`` OIHW -> HWIO, ``features.N.bias``); ``classifier.*`` and
-    the feature convs deeper than ``layers`` need are ignored. Raises one :class:`ConversionError` listing
-    every missing, unexpected and mis-shaped tensor (a ``vgg19_bn`` file, say, fails on its shapes).
-    """
-    path = Path(path)
-    how = ("save torchvision.models.vgg19(weights='IMAGENET1K_V1').state_dict() with "
-           "safetensors.torch.save_file")
-    if path.suffix in PICKLE_SUFFIXES:
-        raise ConversionError(f"{path} is a pickle-based file, which raphael_jax never unpickles: {how}")
-    if not path.is_file():
-        raise ConversionError(f"{path}: no such file (expected a safetensors VGG19 state dict: {how})")
-    abstract = abstract_module(lambda: VGG19Features(layers, width_divisor, rngs=nnx.Rngs(0), dtype=dtype))
-    depth = abstract.depth
-
-    def ignore(name: str) -> bool:
-        if name.startswith("classifier."):
-            return True
-        m = _FEATURE_NAME.fullmatch(name)
-        index = int(m.group(1)) if m else -1
-        return depth <= index < len(VGG19_NAMES) and VGG19_NAMES[index].startswith("conv")
-
-    return import_state(abstract, safetensors_shapes([path]), lambda names: read_tensors([path], names),
-                        torch_name, ignore=ignore, what="VGG19 features", source=str(path))
 
 
 def perceptual_loss(vgg: VGG19Features, sr: jax.Array, hr: jax.Array,

@@ -121,7 +121,9 @@ def make_perceptual(spec: str, seed: int = 0):
         return vgg.random_vgg19(seed, width_divisor=div)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config loss.perceptual_net: no VGG19 weights file {path}")
-    return vgg.load_vgg19(path, width_divisor=div)
+    from raphael_jax.convert.sr_weights import load_vgg19
+
+    return load_vgg19(path, width_divisor=div)
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -9,14 +9,13 @@ import pytest
 from flax import nnx
 
 from raphael_jax.convert.safetensors_io import ConversionError, abstract_module, write_safetensors
+from raphael_jax.convert.sr_weights import import_discriminator, load_discriminator
 from raphael_jax.models.sr_discriminator import (
     SPECTRAL_LAYERS,
     SpectralConv,
     SpectralState,
     UNetDiscriminatorConfig,
     UNetDiscriminatorSN,
-    import_discriminator,
-    load_discriminator,
     upsample_bilinear_x2,
 )
 

@@ -155,7 +155,7 @@ def test_every_rrdbnet_parameter_carries_logical_axis_names():
 
 
 def test_parameter_counts_of_the_published_and_the_shapes_generators():
-    """RealESRGAN_x4plus has 16,697,987 parameters (the published .pth); configs/sr_shapes.py's is 758,755."""
+    """RealESRGAN_x4plus has 16,697,987 parameters (the published .pth); configs/upscaler/sr_shapes.py's is 758,755."""
     from raphael_jax.convert.safetensors_io import abstract_module
 
     def count(cfg):

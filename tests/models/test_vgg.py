@@ -10,11 +10,11 @@ import pytest
 from flax import nnx
 
 from raphael_jax.convert.safetensors_io import ConversionError, write_safetensors
+from raphael_jax.convert.sr_weights import load_vgg19
 from raphael_jax.models.vgg import (
     DEFAULT_LAYER_WEIGHTS,
     VGG19_NAMES,
     VGG19Features,
-    load_vgg19,
     perceptual_loss,
     random_vgg19,
 )

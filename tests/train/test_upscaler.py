@@ -22,7 +22,7 @@ TINY = ["model.num_feat=8", "model.num_block=1", "model.num_grow_ch=4", "disc.nu
 
 
 def tiny_config(*extra):
-    return load_config(os.path.join(ROOT, "configs", "sr_shapes.py"), TINY + list(extra),
+    return load_config(os.path.join(ROOT, "configs", "upscaler", "sr_shapes.py"), TINY + list(extra),
                        validator=upscaler.validate_config)
 
 
@@ -162,3 +162,14 @@ def test_ema_decay_warms_up_to_the_configured_value():
     for e, g, i in zip(leaves(state["g_ema"]), leaves(state["g"]), init):
         if not np.array_equal(g, i):
             assert np.abs(e - g).max() < np.abs(e - i).max()
+
+
+def test_shipped_upscaler_configs_load_and_validate():
+    """configs/upscaler/*.py (raphael-train-upscaler's; configs/*.py are raphael-train's)."""
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "upscaler", "*.py")))
+    assert paths
+    for path in paths:
+        c = load_config(path, validator=upscaler.validate_config)
+        assert c.train.pixel_steps <= c.train.num_steps

@@ -1,6 +1,6 @@
 """The shapes-world upscaler: Real-ESRGAN's recipe scaled down to 32 -> 128 px (``raphael-train-upscaler``).
 
-    raphael-train-upscaler --config configs/sr_shapes.py --workdir runs/sr_shapes
+    raphael-train-upscaler --config configs/upscaler/sr_shapes.py --workdir runs/sr_shapes
     raphael-eval upscale --weights runs/sr_shapes/generator.safetensors --seed 1234
 
 The paper's upscaler (App. 7.8) follows Real-ESRGAN (Wang et al., 2021): an RRDBNet generator first
