@@ -329,10 +329,9 @@ def _upscale(p: argparse.ArgumentParser, args) -> int:
         p.error("--num must be at least 2")
     tile_check = None
     if args.tile_check != "none":
-        try:
-            tile_check = tuple(int(v) for v in args.tile_check.split(":"))
-            assert len(tile_check) == 2 and tile_check[0] > 2 * tile_check[1] >= 0
-        except (ValueError, AssertionError):
+        parts = args.tile_check.split(":")
+        tile_check = tuple(int(v) for v in parts) if len(parts) == 2 and all(v.isdigit() for v in parts) else None
+        if tile_check is None or tile_check[0] <= 2 * tile_check[1]:
             p.error(f"--tile-check: expected TILE:HALO with TILE > 2 HALO >= 0, or none; got {args.tile_check!r}")
     for path, suffix in ((args.out, ".json"), (args.grid, ".png")):
         if path is not None:

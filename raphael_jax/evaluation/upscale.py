@@ -28,6 +28,7 @@ from raphael_jax.data.shapes import analyzer
 from raphael_jax.data.shapes.world import example
 from raphael_jax.models.rrdbnet import RRDBNet
 from raphael_jax.models.upscale_tiling import to_uint8, upscale
+from raphael_jax.train.autoencoder import psnr
 
 __all__ = ["INPUTS", "TEST_STREAM", "evaluate_upscaler", "psnr", "report_markdown", "test_scenes",
            "tiling_agreement"]
@@ -35,12 +36,6 @@ __all__ = ["INPUTS", "TEST_STREAM", "evaluate_upscaler", "psnr", "report_markdow
 INPUTS = ("bicubic", "degraded", "render")
 TEST_STREAM = 2
 _KEEP = (*analyzer.ATTRIBUTES, "all")
-
-
-def psnr(reference: np.ndarray, images: np.ndarray) -> float:
-    """PSNR in dB of uint8 ``images`` against uint8 ``reference`` over all pixels."""
-    mse = float(np.mean((np.asarray(reference, np.float64) - np.asarray(images, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
 def _per_image_psnr(reference: np.ndarray, images: np.ndarray) -> np.ndarray:

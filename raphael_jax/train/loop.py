@@ -127,14 +127,15 @@ def _flat(config) -> dict:
     return out
 
 
-def config_changes(saved, config) -> tuple[list[str], list[str]]:
-    """(changed keys that need --allow-config-change, changed keys that are safe), each "key: old -> new"."""
+def config_changes(saved, config, safe_keys=SAFE_ON_RESUME) -> tuple[list[str], list[str]]:
+    """(changed keys that need --allow-config-change, changed keys that are safe), each "key: old -> new";
+    ``safe_keys``: keys (or ``prefix.``) that may change (another trainer passes its own)."""
     a, b = _flat(saved), _flat(config)
     unsafe, safe = [], []
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
             line = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
-            is_safe = any(key == k or (k.endswith(".") and key.startswith(k)) for k in SAFE_ON_RESUME)
+            is_safe = any(key == k or (k.endswith(".") and key.startswith(k)) for k in safe_keys)
             (safe if is_safe else unsafe).append(line)
     return unsafe, safe
 

@@ -46,6 +46,7 @@ from raphael_jax.data.shapes.world import example
 from raphael_jax.models.rrdbnet import RRDBNet, RRDBNetConfig
 from raphael_jax.models.sr_discriminator import SpectralState, UNetDiscriminatorConfig, UNetDiscriminatorSN
 from raphael_jax.models.upscale_tiling import to_uint8
+from raphael_jax.train.autoencoder import psnr
 
 __all__ = ["GENERATOR_FILE", "SAFE_ON_RESUME", "UpscalerTrainer", "ema_decay", "hr_batch", "make_perceptual",
            "train_upscaler", "training_pairs", "validate_config"]
@@ -68,8 +69,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     UNetDiscriminatorConfig(num_feat=c.disc.num_feat, skip_connection=c.disc.skip_connection).validate()
     need(c.model.scale in (2, 4), "model.scale", "the trainer supports x2 and x4")
     need(isinstance(c.data.hr_size, int) and c.data.hr_size >= 32, "data.hr_size", "must be an int >= 32")
-    need(c.data.hr_size % (8 * c.model.scale) == 0 if c.model.scale == 4 else c.data.hr_size % 16 == 0,
-         "data.hr_size", "must be divisible by 8 x the input factor (the discriminator halves it three times)")
+    need(c.data.hr_size % 8 == 0, "data.hr_size",
+         "must be divisible by 8 (the discriminator halves it three times; the input is hr_size / scale)")
     need(1 <= c.data.min_objects <= c.data.max_objects <= 9, "data.min_objects",
          "need 1 <= min_objects <= max_objects <= 9")
     need(c.data.degradation in ("realesrgan", "clean"), "data.degradation", "must be 'realesrgan' or 'clean'")
@@ -274,11 +275,6 @@ def build(c, *, init_from: str | None = None) -> tuple[UpscalerTrainer, dict]:
 
 # ---------------------------------------------------------------------------------------------- loop
 
-def _psnr(hr: np.ndarray, sr: np.ndarray) -> float:
-    mse = float(np.mean((hr.astype(np.float64) - sr.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 def config_from_saved(saved: dict) -> ml_collections.ConfigDict:
     """An upscaler run's saved config (JSON: lists for tuples), validated."""
     def fix(v):
@@ -287,20 +283,6 @@ def config_from_saved(saved: dict) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(fix(dict(saved)))
     validate_config(config)
     return config
-
-
-def _config_changes(saved, config) -> tuple[list[str], list[str]]:
-    from raphael_jax.train.loop import _flat
-
-    a = _flat(saved)
-    b = _flat(config)
-    unsafe, safe = [], []
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-            line = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
-            ok = any(key == k or (k.endswith(".") and key.startswith(k)) for k in SAFE_ON_RESUME)
-            (safe if ok else unsafe).append(line)
-    return unsafe, safe
 
 
 def train_upscaler(config, workdir: str, *, steps: int | None = None, allow_config_change: bool = False,
@@ -312,7 +294,7 @@ def train_upscaler(config, workdir: str, *, steps: int | None = None, allow_conf
     ``allow_config_change``.
     """
     from raphael_jax.train.checkpoint import RunCheckpoints
-    from raphael_jax.train.loop import MetricWriter
+    from raphael_jax.train.loop import MetricWriter, config_changes
 
     log = log or functools.partial(print, flush=True)
     validate_config(config)
@@ -324,7 +306,7 @@ def train_upscaler(config, workdir: str, *, steps: int | None = None, allow_conf
     init_from = c.train.init_from or None
     if ckpt.committed_steps():
         step = ckpt.newest_intact_step()
-        unsafe, safe = _config_changes(ckpt.restore_config(step), c)
+        unsafe, safe = config_changes(ckpt.restore_config(step), c, SAFE_ON_RESUME)
         if unsafe and not allow_config_change:
             raise ValueError(f"{workdir} was trained with another config ({'; '.join(unsafe)}): use a new "
                              "workdir, or --allow-config-change to accept")
@@ -352,7 +334,7 @@ def train_upscaler(config, workdir: str, *, steps: int | None = None, allow_conf
             if done % c.train.log_every == 0 or done == num_steps:
                 last = {k: float(v) for k, v in logs.items()}
                 sr = to_uint8(np.asarray(trainer.generate(state["g_ema"], jnp.asarray(val_lr))))
-                last["val_psnr"] = _psnr(val_hr, sr)
+                last["val_psnr"] = psnr(val_hr, sr)
                 rate = (done - timed_from) / (time.perf_counter() - t0)
                 writer.scalars(done, {**last, "steps_per_s": rate})
                 stage = "esrnet" if done <= c.train.pixel_steps else "esrgan"
